@@ -1,0 +1,60 @@
+"""The quadratic (parallel) mLSTM form with the initial-state term (design §2). O(T^2) memory."""
+
+import jax.numpy as jnp
+from jax import lax
+
+from tfla_jax.ref import gates
+from tfla_jax.ref.recurrent import zero_state
+from tfla_jax.state import MLSTMState
+
+
+def segment_log_decay(F):
+    """P[..., t, s] = sum_{s < r <= t} F_r for s <= t (0 above the diagonal). F: [..., T].
+
+    A masked cumulative sum inside the window: subtracting two global cumsums instead would lose
+    precision for long sequences.
+    """
+    T = F.shape[-1]
+    r = jnp.arange(T)
+    after_s = r[None, :] > r[:, None]                               # [s, r]
+    P = jnp.cumsum(jnp.where(after_s, F[..., None, :], 0.0), axis=-1)  # [..., s, t]
+    return jnp.swapaxes(P, -1, -2)                                  # [..., t, s]
+
+
+def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
+                   scale=None, eps=1e-6):
+    """Quadratic form. Shapes as `mlstm_recurrent`; returns h and the final MLSTMState."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    cdt = gates.compute_dtype(q, k, v, i, f, *(initial_state or ()))
+    scale = K ** -0.5 if scale is None else scale
+    if initial_state is None:
+        initial_state = zero_state(B, H, K, V, cdt)
+    c0, n0, m0 = (x.astype(cdt) for x in initial_state)
+    if input_gate != "exp":
+        m0 = jnp.zeros_like(m0)
+    qh = jnp.swapaxes(q.astype(cdt), 1, 2) * scale                  # [B, H, T, K]
+    kh, vh = (jnp.swapaxes(x.astype(cdt), 1, 2) for x in (k, v))
+    F = gates.log_forget_gate(jnp.swapaxes(f.astype(cdt), 1, 2))    # [B, H, T]
+    logi = gates.log_input_gate(jnp.swapaxes(i.astype(cdt), 1, 2), input_gate)
+
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    logD = jnp.where(causal, segment_log_decay(F) + logi[..., None, :], -jnp.inf)  # [B,H,T,T]
+    log_init = jnp.cumsum(F, axis=-1) + m0[..., None]               # [B, H, T]
+    if input_gate == "exp":
+        m = lax.stop_gradient(jnp.maximum(log_init, jnp.max(logD, axis=-1)))
+    else:
+        m = jnp.zeros_like(log_init)
+    S = jnp.einsum("bhtk,bhsk->bhts", qh, kh) * jnp.exp(logD - m[..., None])
+    w_init = jnp.exp(log_init - m)
+    num = w_init[..., None] * jnp.einsum("bhtk,bhkv->bhtv", qh, c0) + S @ vh
+    den = w_init * jnp.einsum("bhtk,bhk->bht", qh, n0) + jnp.sum(S, axis=-1)
+    h = gates.normalized_output(num, den, m, input_gate, normalize, eps)
+
+    # Final state: the unrolled recurrence at t = T, weights relative to m_T.
+    m_T = m[..., -1]
+    w_s = jnp.exp(logD[..., -1, :] - m_T[..., None])                # [B, H, T]
+    w_0 = jnp.exp(log_init[..., -1] - m_T)
+    c_T = w_0[..., None, None] * c0 + jnp.einsum("bhs,bhsk,bhsv->bhkv", w_s, kh, vh)
+    n_T = w_0[..., None] * n0 + jnp.einsum("bhs,bhsk->bhk", w_s, kh)
+    return jnp.swapaxes(h, 1, 2).astype(v.dtype), MLSTMState(c_T, n_T, m_T)
