@@ -2,6 +2,7 @@
 
 from tfla_jax.ops import mlstm, mlstm_step
 from tfla_jax.state import MLSTMState
+from tfla_jax.hf import load_hf_checkpoint
 
-__all__ = ["mlstm", "mlstm_step", "MLSTMState"]
+__all__ = ["mlstm", "mlstm_step", "MLSTMState", "load_hf_checkpoint"]
 __version__ = "0.1.0"

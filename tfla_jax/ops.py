@@ -13,6 +13,13 @@ INPUT_GATES = ("exp", "sigmoid")
 _SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
 DEFAULT_CHUNK_SIZE_XLA = 64
 
+# Jitted once per static configuration: eager calls stay fast, calls under a user's jit inline.
+_OPTS = ("input_gate", "normalize", "scale", "eps")
+_recurrent = jax.jit(ref.mlstm_recurrent, static_argnames=_OPTS)
+_parallel = jax.jit(ref.mlstm_parallel, static_argnames=_OPTS)
+_chunkwise = jax.jit(ref.mlstm_chunkwise, static_argnames=_OPTS + ("chunk_size",))
+_step = jax.jit(ref.mlstm_step_ref, static_argnames=_OPTS)
+
 
 def _describe(x) -> str:
     return f"shape {tuple(x.shape)} dtype {x.dtype}"
@@ -140,12 +147,12 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
     opts = dict(input_gate=input_gate, normalize=normalize, initial_state=initial_state,
                 scale=scale, eps=float(eps))
     if implementation == "recurrent":
-        h, state = ref.mlstm_recurrent(q, k, v, i, f, **opts)
+        h, state = _recurrent(q, k, v, i, f, **opts)
     elif implementation == "parallel":
-        h, state = ref.mlstm_parallel(q, k, v, i, f, **opts)
+        h, state = _parallel(q, k, v, i, f, **opts)
     elif implementation == "chunkwise":
         L = chunk_size or min(DEFAULT_CHUNK_SIZE_XLA, _next_pow2(T))
-        h, state = ref.mlstm_chunkwise(q, k, v, i, f, chunk_size=L, **opts)
+        h, state = _chunkwise(q, k, v, i, f, chunk_size=L, **opts)
     else:
         from tfla_jax import pallas  # imported lazily: the Triton lowering is only needed here
 
@@ -169,5 +176,5 @@ def mlstm_step(q, k, v, i, f, state=None, *, input_gate="exp", normalize=True, s
     if state is None:
         state = ref.zero_state(B, H, K, V, ref.gates.compute_dtype(q, k, v, i, f))
     _check_state("state", state, B, H, K, V)
-    return ref.mlstm_step_ref(q, k, v, i, f, state, input_gate=input_gate, normalize=normalize,
+    return _step(q, k, v, i, f, state, input_gate=input_gate, normalize=normalize,
                               scale=scale, eps=float(eps))

@@ -28,6 +28,7 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
     V = v.shape[-1]
     cdt = gates.compute_dtype(q, k, v, i, f, *(initial_state or ()))
     scale = K ** -0.5 if scale is None else scale
+    has_state = initial_state is not None
     if initial_state is None:
         initial_state = zero_state(B, H, K, V, cdt)
     c0, n0, m0 = (x.astype(cdt) for x in initial_state)
@@ -46,9 +47,11 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
     else:
         m = jnp.zeros_like(log_init)
     S = jnp.einsum("bhtk,bhsk->bhts", qh, kh) * jnp.exp(logD - m[..., None])
-    w_init = jnp.exp(log_init - m)
-    num = w_init[..., None] * jnp.einsum("bhtk,bhkv->bhtv", qh, c0) + S @ vh
-    den = w_init * jnp.einsum("bhtk,bhk->bht", qh, n0) + jnp.sum(S, axis=-1)
+    num, den = S @ vh, jnp.sum(S, axis=-1)
+    if has_state:  # skipped for the zero state (also sidesteps an XLA:CPU miscompile of q @ zeros)
+        w_init = jnp.exp(log_init - m)
+        num = num + w_init[..., None] * jnp.einsum("bhtk,bhkv->bhtv", qh, c0)
+        den = den + w_init * jnp.einsum("bhtk,bhk->bht", qh, n0)
     h = gates.normalized_output(num, den, m, input_gate, normalize, eps)
 
     # Final state: the unrolled recurrence at t = T, weights relative to m_T.

@@ -32,6 +32,7 @@ def mlstm_step_ref(q, k, v, i, f, state: MLSTMState, *, input_gate="exp", normal
     Returns h (B, H, V) in v's dtype and the new state (float32, float64 for float64 inputs).
     """
     cdt = gates.compute_dtype(q, k, v, i, f, *state)
+    out_dtype = v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q = q.astype(cdt) * scale
     k, v, i, f = (x.astype(cdt) for x in (k, v, i, f))
@@ -51,7 +52,7 @@ def mlstm_step_ref(q, k, v, i, f, state: MLSTMState, *, input_gate="exp", normal
     num = jnp.einsum("bhk,bhkv->bhv", q, c)
     den = jnp.einsum("bhk,bhk->bh", q, n)
     h = gates.normalized_output(num, den, m_new, input_gate, normalize, eps)
-    return h.astype(v.dtype), MLSTMState(c, n, m_new)
+    return h.astype(out_dtype), MLSTMState(c, n, m_new)
 
 
 def mlstm_recurrent(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,

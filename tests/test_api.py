@@ -1,0 +1,126 @@
+"""The public API: input validation (design §7), defaults, and composition with jit/vmap/grad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tfla_jax
+from tfla_jax import MLSTMState, mlstm, mlstm_step
+from tests.utils import assert_close, make_inputs
+
+B, T, H, K, V = 2, 9, 3, 8, 16
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return make_inputs(0, B, T, H, K, V, jnp.float32, with_state=True)
+
+
+def _bad_calls(q, k, v, i, f, s):
+    """(argument name, call) pairs that must raise a ValueError naming the argument."""
+    good = dict(q=q, k=k, v=v, i=i, f=f)
+
+    def with_(**kw):
+        return {**good, **kw}
+
+    zeros = jnp.zeros
+    return [
+        ("q", with_(q=q[0])),
+        ("k", with_(k=zeros((B, T, H, K + 1)))),
+        ("k", with_(k=zeros((B, T + 1, H, K)))),
+        ("v", with_(v=zeros((B, T, H + 1, V)))),
+        ("v", with_(v=zeros((B, T, H)))),
+        ("i", with_(i=zeros((B, T)))),
+        ("f", with_(f=zeros((B, T, H, 1)))),
+        ("q", with_(q=q.astype(jnp.int32))),
+        ("q, k, v", with_(q=q.astype(jnp.bfloat16))),
+        ("i", with_(i=np.asarray(i).tolist())),
+    ]
+
+
+def test_bad_arrays_name_the_argument(inputs):
+    q, k, v, i, f, s = inputs
+    for name, kwargs in _bad_calls(q, k, v, i, f, s):
+        with pytest.raises(ValueError, match=name.replace(",", r"\,")):
+            mlstm(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(input_gate="tanh"), "input_gate"),
+    (dict(normalize=False), "normalize"),  # only the sigmoid gate may drop the normaliser
+    (dict(normalize="yes", input_gate="sigmoid"), "normalize"),
+    (dict(chunk_size=48), "chunk_size"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(chunk_size=16.0), "chunk_size"),
+    (dict(implementation="triton"), "implementation"),
+    (dict(eps=-1.0), "eps"),
+    (dict(eps=float("nan")), "eps"),
+    (dict(scale=float("inf")), "scale"),
+    (dict(config=object(), implementation="chunkwise"), "config"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_options_name_the_argument(inputs, kwargs, name):
+    q, k, v, i, f, _ = inputs
+    with pytest.raises(ValueError, match=name):
+        mlstm(q, k, v, i, f, **kwargs)
+
+
+def test_bad_state_names_the_argument(inputs):
+    q, k, v, i, f, s = inputs
+    with pytest.raises(ValueError, match="initial_state"):
+        mlstm(q, k, v, i, f, initial_state=(s.c, s.n, s.m))
+    with pytest.raises(ValueError, match=r"initial_state\.c"):
+        mlstm(q, k, v, i, f, initial_state=s._replace(c=s.c[..., :-1]))
+    with pytest.raises(ValueError, match=r"initial_state\.m"):
+        mlstm(q, k, v, i, f, initial_state=s._replace(m=s.m[:, :, None]))
+    with pytest.raises(ValueError, match=r"state\.n"):
+        mlstm_step(q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], s._replace(n=s.n[:1]))
+    with pytest.raises(ValueError, match="q"):
+        mlstm_step(q, k, v, i, f, s)
+
+
+def test_pallas_without_gpu_is_a_clear_error(inputs):
+    if jax.default_backend() == "gpu":
+        pytest.skip("this checks the message on machines without a GPU")
+    q, k, v, i, f, _ = inputs
+    with pytest.raises(ValueError, match="implementation"):
+        mlstm(q, k, v, i, f, implementation="pallas")
+
+
+def test_defaults(inputs):
+    q, k, v, i, f, _ = inputs
+    h, state = mlstm(q, k, v, i, f)
+    assert state is None and h.shape == (B, T, H, V) and h.dtype == jnp.float32
+    h_ref, s_ref = mlstm(q, k, v, i, f, implementation="recurrent", return_state=True)
+    assert_close(h, h_ref, 1e-5, "default implementation")
+    # scale defaults to K**-0.5 and is applied to q only.
+    h2, _ = mlstm(q * K ** -0.5, k, v, i, f, scale=1.0)
+    assert_close(h2, h, 1e-6, "scale")
+    # the zero initial state is the default.
+    zero = tfla_jax.ref.zero_state(B, H, K, V)
+    h3, s3 = mlstm(q, k, v, i, f, initial_state=zero, return_state=True)
+    assert_close((h3, *s3), (h_ref, *s_ref), 1e-5, "zero state")
+
+
+def test_jit_vmap_grad_compose(inputs):
+    q, k, v, i, f, s = inputs
+
+    def loss(q, k, v, i, f):
+        h, st = mlstm(q, k, v, i, f, initial_state=s, return_state=True, chunk_size=4)
+        return jnp.sum(h ** 2) + jnp.sum(st.c)
+
+    g_jit = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, i, f)
+    g_eager = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, i, f)
+    assert_close(g_jit, g_eager, 1e-5, "jit(grad)")
+    assert all(float(jnp.abs(g).max()) > 0 for g in g_jit)
+
+    # vmap over an extra leading axis equals a Python loop over it.
+    xs = [jnp.stack([x, 0.5 * x]) for x in (q, k, v, i, f)]
+    hv = jax.vmap(lambda *a: mlstm(*a, chunk_size=4)[0])(*xs)
+    for j in range(2):
+        assert_close(hv[j], mlstm(*(x[j] for x in xs), chunk_size=4)[0], 1e-5, f"vmap[{j}]")
+
+    # the step composes too (the decoding path).
+    step = jax.jit(lambda *a: mlstm_step(*a))
+    h, st = step(q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], s)
+    assert isinstance(st, MLSTMState) and st.c.dtype == jnp.float32 and h.shape == (B, H, V)

@@ -1,0 +1,531 @@
+"""Tests of the Flax NNX xLSTM modules (tfla_jax.layers) and the HF checkpoint loader (tfla_jax.hf).
+
+The independent computations: `reference_lm_logits` is the xLSTM 7B forward written directly from
+a Hugging Face-named tensor dict in torch layout (W x, W (out, in)) with `tfla_jax.ref.mlstm_recurrent`
+as the cell; `random_hf_tensors` builds such a dict from the key list of issue 5 alone.
+"""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+import tfla_jax
+from tfla_jax import ref
+from tfla_jax.hf import hf_param_names, hf_state_dict, load_hf_state_dict
+from tfla_jax.layers import (FeedForward, MultiHeadLayerNorm, RMSNorm, generate, mLSTMBlock,
+                             mLSTMLayer, xLSTMConfig, xLSTMLM)
+from tfla_jax.state import MLSTMState
+
+B, T = 2, 13          # odd T: the chunkwise path pads
+# Small caps so that both soft-caps bite (and are therefore tested).
+CFG = xLSTMConfig.tiny(gate_soft_cap=4.0, output_logit_soft_cap=6.0, chunk_size=4,
+                       mlstm_implementation="chunkwise")
+# The same model on the recurrent cell: a third of the compile time on CPU. Used where the test is
+# about the modules around the cell (the cell's paths are compared with each other separately).
+FAST = dataclasses.replace(CFG, mlstm_implementation="recurrent")
+
+
+@nnx.jit
+def forward(model, tokens, state=None):
+    """model(tokens, state, return_state=True), compiled once per config."""
+    return model(tokens, state, return_state=True)
+
+
+def assert_close(actual, expected, rtol=2e-5, atol=2e-5, what=""):
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                               rtol=rtol, atol=atol, err_msg=what)
+
+
+def unstabilised(state):
+    """(e^m C, e^m n): the state's value independent of the stabiliser m (any leading dims)."""
+    e = jnp.exp(state.m)
+    return state.c * e[..., None, None], state.n * e[..., None]
+
+
+def assert_states_close(a, b, what="state"):
+    for x, y, name in zip(unstabilised(a), unstabilised(b), ("C", "n")):
+        assert_close(x, y, rtol=1e-4, atol=1e-4, what=f"{what} {name}")
+
+
+def tokens_for(cfg, shape=(B, T), seed=1):
+    return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size, dtype=jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent reference: HF tensor dict (torch layout) -> logits
+# ---------------------------------------------------------------------------------------------
+
+
+def random_hf_tensors(cfg: xLSTMConfig, seed: int = 0) -> dict:
+    """Random weights in the HF xLSTM-7B naming and torch shapes, scaled so every part is active."""
+    rng = np.random.default_rng(seed)
+    d, qk, v, h, ffn, vocab = (cfg.embedding_dim, cfg.qk_dim, cfg.v_dim, cfg.num_heads,
+                               cfg.ffn_hidden_dim, cfg.vocab_size)
+
+    def lin(d_out, d_in, gain=1.0):
+        return (gain * rng.standard_normal((d_out, d_in)) / math.sqrt(d_in)).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"backbone.embeddings.weight": rng.standard_normal((vocab, d)).astype(np.float32),
+         "backbone.out_norm.weight": norm(d),
+         "lm_head.weight": lin(vocab, d, 4.0)}
+    for b in range(cfg.num_blocks):
+        p = f"backbone.blocks.{b}."
+        t |= {p + "norm_mlstm.weight": norm(d),
+              p + "mlstm_layer.q.weight": lin(qk, d), p + "mlstm_layer.k.weight": lin(qk, d),
+              p + "mlstm_layer.v.weight": lin(v, d), p + "mlstm_layer.ogate_preact.weight": lin(v, d),
+              p + "mlstm_layer.igate_preact.weight": lin(h, d, 3.0),
+              p + "mlstm_layer.igate_preact.bias": rng.standard_normal(h).astype(np.float32),
+              p + "mlstm_layer.fgate_preact.weight": lin(h, d, 3.0),
+              p + "mlstm_layer.fgate_preact.bias": (2.0 + rng.standard_normal(h)).astype(np.float32),
+              p + "mlstm_layer.multihead_norm.weight": norm(v),
+              p + "mlstm_layer.out_proj.weight": lin(d, v, 0.5),
+              p + "norm_ffn.weight": norm(d),
+              p + "ffn.proj_up_gate.weight": lin(ffn, d), p + "ffn.proj_up.weight": lin(ffn, d),
+              p + "ffn.proj_down.weight": lin(d, ffn, 0.5)}
+    return t
+
+
+def _rms(x, w, eps):
+    return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _head_layer_norm(h, w, eps):  # h (..., H, V)
+    mu = h.mean(-1, keepdims=True)
+    var = ((h - mu) ** 2).mean(-1, keepdims=True)
+    return ((h - mu) / jnp.sqrt(var + eps)).reshape(*h.shape[:-2], -1) * w
+
+
+def _cap(x, c):
+    return c * jnp.tanh(x / c)
+
+
+def reference_mlstm_layer(x, w, cfg, initial_state=None):
+    """x (B, T, d); w: dict of torch-layout (out, in) weights of one layer -> (y, final state)."""
+    Bx, Tx, _ = x.shape
+    H = cfg.num_heads
+    q = (x @ w["q"].T).reshape(Bx, Tx, H, -1)
+    k = (x @ w["k"].T).reshape(Bx, Tx, H, -1)
+    v = (x @ w["v"].T).reshape(Bx, Tx, H, -1)
+    i = _cap(x @ w["igate_w"].T + w["igate_b"], cfg.gate_soft_cap)
+    f = _cap(x @ w["fgate_w"].T + w["fgate_b"], cfg.gate_soft_cap)
+    h, state = ref.mlstm_recurrent(q, k, v, i, f, initial_state=initial_state, eps=cfg.eps)
+    y = jax.nn.sigmoid(x @ w["ogate"].T) * _head_layer_norm(h, w["norm"], cfg.cell_norm_eps)
+    return y @ w["out_proj"].T, state
+
+
+def reference_lm_logits(t, cfg, tokens):
+    """The whole LM from the HF tensors; returns (logits (B, T, V), per-block final states)."""
+    x = jnp.asarray(t["backbone.embeddings.weight"])[tokens]
+    states = []
+    for b in range(cfg.num_blocks):
+        g = lambda name: jnp.asarray(t[f"backbone.blocks.{b}.{name}"])  # noqa: E731
+        lw = {"q": g("mlstm_layer.q.weight"), "k": g("mlstm_layer.k.weight"),
+              "v": g("mlstm_layer.v.weight"), "ogate": g("mlstm_layer.ogate_preact.weight"),
+              "igate_w": g("mlstm_layer.igate_preact.weight"),
+              "igate_b": g("mlstm_layer.igate_preact.bias"),
+              "fgate_w": g("mlstm_layer.fgate_preact.weight"),
+              "fgate_b": g("mlstm_layer.fgate_preact.bias"),
+              "norm": g("mlstm_layer.multihead_norm.weight"), "out_proj": g("mlstm_layer.out_proj.weight")}
+        y, s = reference_mlstm_layer(_rms(x, g("norm_mlstm.weight"), cfg.norm_eps), lw, cfg)
+        states.append(s)
+        x = x + y
+        z = _rms(x, g("norm_ffn.weight"), cfg.norm_eps)
+        x = x + (jax.nn.silu(z @ g("ffn.proj_up_gate.weight").T) * (z @ g("ffn.proj_up.weight").T)
+                 ) @ g("ffn.proj_down.weight").T
+    x = _rms(x, jnp.asarray(t["backbone.out_norm.weight"]), cfg.norm_eps)
+    return _cap(x @ jnp.asarray(t["lm_head.weight"]).T, cfg.output_logit_soft_cap), states
+
+
+def write_checkpoint(directory, cfg, tensors, num_shards=2):
+    with open(directory / "config.json", "w") as fh:
+        json.dump(cfg.to_hf_config(), fh)
+    names = list(tensors)
+    for s in range(num_shards):
+        part = names[s::num_shards]
+        save_file({n: tensors[n] for n in part},
+                  str(directory / f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"))
+
+
+def model_from_tensors(cfg, tensors):
+    return load_hf_state_dict(xLSTMLM(cfg, rngs=nnx.Rngs(0)), tensors)
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    return random_hf_tensors(CFG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_7b_dims_and_hf_config():
+    cfg = xLSTMConfig.xlstm_7b()
+    assert (cfg.vocab_size, cfg.embedding_dim, cfg.num_blocks, cfg.num_heads) == (50304, 4096, 32, 8)
+    assert (cfg.qk_dim, cfg.v_dim, cfg.qk_head_dim, cfg.v_head_dim) == (2048, 4096, 256, 512)
+    assert cfg.ffn_hidden_dim == 10944            # 2.667 * 4096 = 10924.03 -> next multiple of 64
+    assert (cfg.gate_soft_cap, cfg.output_logit_soft_cap, cfg.norm_eps) == (15.0, 30.0, 1e-6)
+    assert cfg.dtype == jnp.bfloat16 and cfg.param_dtype == jnp.float32
+    # The published NX-AI/xLSTM-7b config.json (architecture fields and the kernel fields we ignore).
+    published = {"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm", "add_out_norm": True,
+                 "add_post_blocks_norm": True, "add_post_norm": False, "add_qk_norm": False,
+                 "cell_norm_eps": 1e-06, "embedding_dim": 4096, "ffn_proj_factor": 2.667,
+                 "ffn_round_up_to_multiple_of": 64, "gate_soft_cap": 15.0, "head_dim": 512,
+                 "igate_bias_init_range": -10.0, "mlstm_round_up_to_multiple_of": 64,
+                 "norm_eps": 1e-06, "num_blocks": 32, "num_heads": 8, "output_logit_soft_cap": 30.0,
+                 "qk_dim_factor": 0.5, "tie_word_embeddings": False, "use_bias": False,
+                 "v_dim_factor": 1.0, "vocab_size": 50304, "chunkwise_kernel": "x", "bos_token_id": 0}
+    assert xLSTMConfig.from_hf_config(published, dtype=jnp.bfloat16) == cfg
+    assert xLSTMConfig.from_hf_config(cfg.to_hf_config(), dtype=jnp.bfloat16) == cfg
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        xLSTMConfig.from_hf_config({**published, "tie_word_embeddings": True})
+    with pytest.raises(ValueError, match="num_heads"):
+        xLSTMConfig.from_hf_config({k: v for k, v in published.items() if k != "num_heads"})
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        xLSTMConfig.tiny(num_heads=3)
+    with pytest.raises(ValueError, match="mlstm_implementation"):
+        xLSTMConfig.tiny(mlstm_implementation="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        xLSTMConfig.tiny(chunk_size=12)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_blocks = 2
+
+
+@pytest.mark.parametrize("scan_blocks", [False, True], ids=["list", "scan"])
+def test_7b_parameter_count_via_eval_shape(scan_blocks):
+    # d = 4096, V = 50304, H = 8, qk = d/2 = 2048, v = d = 4096, ffn = 10944, 32 blocks.
+    # per block = 2d (norm_mlstm, norm_ffn) + 2*d*qk (q, k) + 3*d*v (v, ogate, out_proj)
+    #             + 2*(d*H + H) (igate, fgate with bias) + v (multihead_norm) + 3*d*ffn (SwiGLU)
+    #           = 8192 + 16,777,216 + 50,331,648 + 65,552 + 4096 + 134,479,872 = 201,666,576
+    # total     = 2*V*d (embeddings, lm_head) + d (out_norm) + 32 * per block
+    #           = 412,090,368 + 4096 + 6,453,330,432 = 6,865,424,896
+    d, V, H, qk, v, ffn, nb = 4096, 50304, 8, 2048, 4096, 10944, 32
+    per_block = 2 * d + 2 * d * qk + 3 * d * v + 2 * (d * H + H) + v + 3 * d * ffn
+    assert per_block == 201_666_576
+    assert 2 * V * d + d + nb * per_block == 6_865_424_896
+    cfg = xLSTMConfig.xlstm_7b(scan_blocks=scan_blocks)
+    model = nnx.eval_shape(lambda: xLSTMLM(cfg, rngs=nnx.Rngs(0)))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(isinstance(p, jax.ShapeDtypeStruct) for p in params)   # nothing materialised
+    assert sum(p.size for p in params) == 6_865_424_896 == cfg.num_params
+    assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Init, shapes, dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_init_follows_xlstm_7b_recipe():
+    cfg = xLSTMConfig.tiny(embedding_dim=256, num_heads=4, num_blocks=3, vocab_size=512)
+    d = cfg.embedding_dim
+    m = xLSTMLM(cfg, rngs=nnx.Rngs(0))
+    small, wang = math.sqrt(2 / (5 * d)), 2 / (cfg.num_blocks * math.sqrt(d))
+
+    def std_ok(x, want):
+        x = np.asarray(x)
+        assert abs(x.mean()) < 4 * want / math.sqrt(x.size)
+        assert abs(x.std() / want - 1) < 0.05, (x.std(), want)
+
+    std_ok(m.embeddings.embedding[...], small)
+    std_ok(m.lm_head.kernel[...], small)
+    np.testing.assert_array_equal(m.out_norm.weight[...], np.ones(d))
+    for blk in m.blocks:
+        lay = blk.mlstm_layer
+        for lin in (lay.q, lay.k, lay.v, lay.ogate_preact, blk.ffn.proj_up_gate, blk.ffn.proj_up):
+            std_ok(lin.kernel[...], small)
+        for lin in (lay.out_proj, blk.ffn.proj_down):
+            std_ok(lin.kernel[...], wang)
+        for gate in (lay.igate_preact, lay.fgate_preact):
+            np.testing.assert_array_equal(gate.kernel[...], 0)
+        np.testing.assert_array_equal(lay.igate_preact.bias[...], np.full(cfg.num_heads, -10.0))
+        np.testing.assert_allclose(lay.fgate_preact.bias[...], [3.0, 4.0, 5.0, 6.0], rtol=1e-6)
+        for norm in (blk.norm_mlstm, blk.norm_ffn, lay.multihead_norm):
+            np.testing.assert_array_equal(norm.weight[...], 1)
+
+
+def test_shapes_and_dtypes_bf16_compute():
+    cfg = dataclasses.replace(CFG, dtype=jnp.bfloat16)
+    m = xLSTMLM(cfg, rngs=nnx.Rngs(0))
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(m, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    tok = tokens_for(cfg)
+    logits, state = forward(m, tok)
+    assert logits.shape == (B, T, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(logits))) < cfg.output_logit_soft_cap
+    nb, H, K, V = cfg.num_blocks, cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
+    assert isinstance(state, MLSTMState)
+    assert (state.c.shape, state.n.shape, state.m.shape) == ((nb, B, H, K, V), (nb, B, H, K), (nb, B, H))
+    assert {x.dtype for x in state} == {jnp.dtype(jnp.float32)}
+    assert m(tok[:, :3])[1] is None
+    init = m.init_state(B)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), init) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), state)
+    x = jnp.ones((B, T, cfg.embedding_dim), jnp.bfloat16)
+    y, s = m.blocks[0](x, return_state=True)
+    assert y.shape == x.shape and y.dtype == jnp.bfloat16 and s.c.dtype == jnp.float32
+    assert m.blocks[0].mlstm_layer(x)[0].dtype == jnp.bfloat16
+    assert FeedForward(cfg, rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
+    assert RMSNorm(8, dtype=jnp.bfloat16)(jnp.ones((3, 8))).dtype == jnp.bfloat16
+    hn = MultiHeadLayerNorm(2, 4)(jnp.ones((3, 2, 4), jnp.bfloat16))
+    assert hn.shape == (3, 8) and hn.dtype == jnp.bfloat16
+    step_logits, step_state = m.step(tok[:, 0], None)
+    assert step_logits.shape == (B, cfg.vocab_size) and step_logits.dtype == jnp.float32
+    assert step_state.c.shape == state.c.shape
+    with pytest.raises(ValueError, match="tokens"):
+        m(tok.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"state\.c"):
+        m(tok, MLSTMState(init.c[:, :1], init.n, init.m))
+
+
+def test_norms_match_formulas():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 2, 8)) * 3 + 1
+    rms = RMSNorm(8, eps=1e-6)
+    rms.weight[...] = jnp.arange(8.0)
+    assert_close(rms(x), x / np.sqrt((np.asarray(x) ** 2).mean(-1, keepdims=True) + 1e-6) * np.arange(8))
+    mh = MultiHeadLayerNorm(2, 8, eps=1e-6)
+    mh.weight[...] = jnp.arange(16.0)
+    xn = np.asarray(x)
+    want = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-6)
+    assert_close(mh(x), want.reshape(3, 5, 16) * np.arange(16), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer and the model against the direct formulas
+# ---------------------------------------------------------------------------------------------
+
+
+def randomize(module, seed=0):
+    """Replaces every parameter: kernels normal / sqrt(fan_in), vectors 1 + 0.3 normal."""
+    state = nnx.state(module, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [jax.random.normal(k, x.shape) / math.sqrt(x.shape[-2]) if x.ndim >= 2
+           else 1 + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    nnx.update(module, jax.tree.unflatten(treedef, new))
+    return module
+
+
+def test_mlstm_layer_equals_reference_formula():
+    layer = randomize(mLSTMLayer(CFG, rngs=nnx.Rngs(0)))
+    H, K, V = CFG.num_heads, CFG.qk_head_dim, CFG.v_head_dim
+    ks = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(ks[0], (B, T, CFG.embedding_dim))
+    s0 = MLSTMState(jax.random.normal(ks[1], (B, H, K, V)), jax.random.normal(ks[2], (B, H, K)),
+                    jax.random.normal(ks[3], (B, H)))
+    kt = lambda lin: lin.kernel[...].T  # noqa: E731  (torch layout (out, in))
+    w = {"q": kt(layer.q), "k": kt(layer.k), "v": kt(layer.v), "ogate": kt(layer.ogate_preact),
+         "igate_w": kt(layer.igate_preact), "igate_b": layer.igate_preact.bias[...],
+         "fgate_w": kt(layer.fgate_preact), "fgate_b": layer.fgate_preact.bias[...],
+         "norm": layer.multihead_norm.weight[...], "out_proj": kt(layer.out_proj)}
+    want, want_state = reference_mlstm_layer(x, w, CFG, initial_state=s0)
+    got, got_state = nnx.jit(lambda m, x, s: m(x, s, return_state=True))(layer, x, s0)
+    assert_close(got, want, rtol=1e-4, atol=1e-4, what="layer output")
+    assert_states_close(got_state, want_state)   # the stabiliser m itself may differ
+    # The decode step is the same layer at T = 1.
+    y1, _ = layer.step(x[:, 0], s0)
+    assert_close(y1, reference_mlstm_layer(x[:, :1], w, CFG, initial_state=s0)[0][:, 0],
+                 rtol=1e-4, atol=1e-4, what="layer step")
+
+
+@pytest.mark.parametrize("scan_blocks", [False, True], ids=["list", "scan"])
+def test_hf_checkpoint_round_trip_matches_reference(tmp_path, tensors, scan_blocks):
+    write_checkpoint(tmp_path, CFG, tensors)
+    model = tfla_jax.load_hf_checkpoint(tmp_path, scan_blocks=scan_blocks, chunk_size=4,
+                                        mlstm_implementation="chunkwise")
+    assert model.config == dataclasses.replace(CFG, scan_blocks=scan_blocks)
+    exported = hf_state_dict(model)
+    assert list(exported) == hf_param_names(CFG) and set(exported) == set(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    tok = tokens_for(CFG)
+    want, _ = reference_lm_logits(tensors, CFG, tok)
+    got, _ = forward(model, tok)
+    assert_close(got, want, rtol=1e-4, atol=1e-4, what="logits vs the HF-layout reference")
+
+
+def test_hf_checkpoint_bad_keys_are_named(tmp_path, tensors):
+    model = xLSTMLM(CFG, rngs=nnx.Rngs(0))
+    key = "backbone.blocks.1.mlstm_layer.q.weight"
+    with pytest.raises(ValueError, match=f"missing key '{key}'"):
+        load_hf_state_dict(model, {n: v for n, v in tensors.items() if n != key})
+    with pytest.raises(ValueError, match="unexpected key 'backbone.blocks.2.norm_ffn.weight'"):
+        load_hf_state_dict(model, {**tensors, "backbone.blocks.2.norm_ffn.weight": np.ones(64)})
+    with pytest.raises(ValueError, match=rf"key '{key}' has shape \(64, 32\), expected \(32, 64\)"):
+        load_hf_state_dict(model, {**tensors, key: tensors[key].T})   # an untransposed kernel
+    bias = "backbone.blocks.0.mlstm_layer.fgate_preact.bias"
+    with pytest.raises(ValueError, match=f"key '{bias}' has shape"):
+        load_hf_state_dict(model, {**tensors, bias: np.zeros(3, np.float32)})
+    # The directory loader: the same checks, plus files.
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        tfla_jax.load_hf_checkpoint(tmp_path)
+    write_checkpoint(tmp_path, CFG, {n: v for n, v in tensors.items() if n != key})
+    with pytest.raises(ValueError, match=f"missing key '{key}'"):
+        tfla_jax.load_hf_checkpoint(tmp_path)
+    save_file({key: tensors[key], bias: tensors[bias]}, str(tmp_path / "dup.safetensors"))
+    with pytest.raises(ValueError, match=f"key '({key}|{bias})' is in two shards"):
+        tfla_jax.load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "parallel"])
+def test_model_chunkwise_equals_other_paths(tensors, impl):
+    tok = tokens_for(CFG)
+    chunk = model_from_tensors(CFG, tensors)
+    other = model_from_tensors(dataclasses.replace(CFG, mlstm_implementation=impl), tensors)
+    (lc, sc), (lo, so) = forward(chunk, tok), forward(other, tok)
+    assert_close(lc, lo, rtol=1e-4, atol=1e-4, what=f"logits chunkwise vs {impl}")
+    assert_states_close(sc, so)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block layouts, remat, gradients, jit
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_fn(model, tok):
+    logits, _ = model(tok[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean()
+
+
+@nnx.jit
+def loss_and_grads(model, tok):
+    return nnx.value_and_grad(loss_fn)(model, tok)
+
+
+def grads_in_hf_naming(model, tok):
+    loss, grads = loss_and_grads(model, tok)
+    holder = nnx.clone(model)
+    nnx.update(holder, grads)
+    return loss, hf_state_dict(holder)
+
+
+def test_scan_blocks_and_remat_match_block_list(tensors):
+    """Same weights: the nnx.List and the stacked nnx.scan layouts (with and without remat) give
+    the same logits, states and gradients."""
+    tok = tokens_for(FAST)
+    base = model_from_tensors(FAST, tensors)
+    l0, s0 = forward(base, tok)
+    loss0, g0 = grads_in_hf_naming(base, tok)
+    for opts in (dict(scan_blocks=True), dict(scan_blocks=True, remat=True)):
+        m = model_from_tensors(dataclasses.replace(FAST, **opts), tensors)
+        l1, s1 = forward(m, tok)
+        assert_close(l1, l0, rtol=1e-5, atol=1e-5, what=f"logits {opts}")
+        jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5, atol=1e-5, what=f"state {opts}"),
+                     s1, s0)
+        loss1, g1 = grads_in_hf_naming(m, tok)
+        assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+        for name in g0:
+            assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, what=f"grad {name} {opts}")
+
+
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(FAST, scan_blocks=True, remat=True)],
+                         ids=["list-chunkwise", "scan-remat-recurrent"])
+def test_gradients_finite_and_reach_every_parameter(cfg):
+    """At the xLSTM 7B init (gate kernels zero, input-gate bias -10) every parameter gets a
+    finite, nonzero gradient."""
+    model = xLSTMLM(cfg, rngs=nnx.Rngs(0))
+    _, grads = grads_in_hf_naming(model, tokens_for(cfg))
+    assert set(grads) == set(hf_param_names(cfg))
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g)), name
+        assert np.any(g != 0), f"zero gradient for {name}"
+
+
+def test_jit_forward_and_train_step(tensors):
+    model = model_from_tensors(FAST, tensors)
+    tok = tokens_for(FAST)
+    eager, _ = model(tok)
+    jitted, _ = forward(model, tok)
+    assert_close(jitted, eager, rtol=1e-5, atol=1e-5, what="jit vs eager")
+
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, tok):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, tok)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, optimizer, tok)) for _ in range(6)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# State and generation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(FAST, scan_blocks=True)],
+                         ids=["list-chunkwise", "scan-recurrent"])
+def test_prefill_then_decode_equals_one_forward(tensors, cfg):
+    model = model_from_tensors(cfg, tensors)
+    prefill_len, steps = 8, T - 8
+    tok = tokens_for(cfg, (B, prefill_len + steps))
+    full, full_state = forward(model, tok)
+
+    @nnx.jit
+    def decode(model, tok, state):
+        return model.step(tok, state)
+
+    logits, state = forward(model, tok[:, :prefill_len])
+    got = [logits[:, -1]]
+    for t in range(prefill_len, prefill_len + steps):
+        step_logits, state = decode(model, tok[:, t], state)
+        got.append(step_logits)
+    assert_close(jnp.stack(got[:-1], 1), full[:, prefill_len - 1:-1], rtol=1e-4, atol=1e-4,
+                 what="prefill + decode logits vs one forward")
+    assert_states_close(state, full_state)
+    # A second sequence call continuing from the state is the same as well.
+    cont, _ = forward(model, tok[:, prefill_len:], forward(model, tok[:, :prefill_len])[1])
+    assert_close(cont, full[:, prefill_len:], rtol=1e-4, atol=1e-4, what="chained sequence calls")
+
+
+def test_generate_greedy_and_sampling(tensors):
+    model = model_from_tensors(FAST, tensors)
+    prompt = tokens_for(FAST, (B, 7))
+    n = T - 7
+    greedy = generate(model, prompt, n)
+    assert greedy.shape == (B, n) and greedy.dtype == jnp.int32
+    logits, _ = forward(model, jnp.concatenate([prompt, greedy], 1))
+    np.testing.assert_array_equal(np.argmax(logits[:, 6:6 + n], -1), greedy)
+    # top_k = 1 is greedy at any temperature; the same key gives the same sample.
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(generate(model, prompt, n, temperature=2.0, top_k=1, rng=key),
+                                  greedy)
+    sampled = generate(model, prompt, n, temperature=1.5, top_k=3, rng=key)
+    np.testing.assert_array_equal(generate(model, prompt, n, temperature=1.5, top_k=3, rng=key),
+                                  sampled)
+    logits, _ = forward(model, jnp.concatenate([prompt, sampled], 1))
+    top3 = np.argsort(-np.asarray(logits[:, 6:6 + n]), -1)[..., :3]
+    assert np.all(np.any(top3 == np.asarray(sampled)[..., None], -1)), "sample outside the top 3"
+    wide = generate(model, prompt, n, temperature=50.0, rng=key)
+    assert len(np.unique(np.asarray(wide))) > 6        # hot sampling is not greedy
+    # The returned state is after the prompt and all generated tokens but the last.
+    _, state = generate(model, prompt, n, return_state=True)
+    _, want_state = forward(model, jnp.concatenate([prompt, greedy[:, :-1]], 1))
+    assert_states_close(state, want_state)
+    # eos: a row is the greedy row up to its first eos, then only eos.
+    eos = int(greedy[0, 2])
+    with_eos = np.asarray(generate(model, prompt, n, eos_token_id=eos))
+    for b in range(B):
+        hits = np.flatnonzero(np.asarray(greedy[b]) == eos)
+        j = hits[0] if hits.size else n
+        np.testing.assert_array_equal(with_eos[b, :j], greedy[b, :j])
+        assert np.all(with_eos[b, j:] == eos)
+    for bad, match in ((dict(temperature=1.0), "rng"), (dict(top_k=0), "top_k"),
+                       (dict(temperature=-1.0), "temperature")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompt, n, **bad)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, 0)

@@ -1,0 +1,176 @@
+"""Hugging Face xLSTM checkpoints (NX-AI/xLSTM-7b naming) <-> `tfla_jax.layers.xLSTMLM`.
+
+Every parameter maps one to one: a rename, and a transpose for Linear weights (torch stores
+(out, in), nnx.Linear kernels are (in, out)). Files are read with the numpy side of `safetensors`
+(no torch), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Mapping
+
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors returns bf16 tensors)
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from tfla_jax.layers import xLSTMConfig, xLSTMLM
+
+# (HF name under "backbone.blocks.{i}.", attribute path in mLSTMBlock, torch Linear weight?)
+BLOCK_PARAMS = (
+    ("norm_mlstm.weight", ("norm_mlstm", "weight"), False),
+    ("mlstm_layer.q.weight", ("mlstm_layer", "q", "kernel"), True),
+    ("mlstm_layer.k.weight", ("mlstm_layer", "k", "kernel"), True),
+    ("mlstm_layer.v.weight", ("mlstm_layer", "v", "kernel"), True),
+    ("mlstm_layer.ogate_preact.weight", ("mlstm_layer", "ogate_preact", "kernel"), True),
+    ("mlstm_layer.igate_preact.weight", ("mlstm_layer", "igate_preact", "kernel"), True),
+    ("mlstm_layer.igate_preact.bias", ("mlstm_layer", "igate_preact", "bias"), False),
+    ("mlstm_layer.fgate_preact.weight", ("mlstm_layer", "fgate_preact", "kernel"), True),
+    ("mlstm_layer.fgate_preact.bias", ("mlstm_layer", "fgate_preact", "bias"), False),
+    ("mlstm_layer.multihead_norm.weight", ("mlstm_layer", "multihead_norm", "weight"), False),
+    ("mlstm_layer.out_proj.weight", ("mlstm_layer", "out_proj", "kernel"), True),
+    ("norm_ffn.weight", ("norm_ffn", "weight"), False),
+    ("ffn.proj_up_gate.weight", ("ffn", "proj_up_gate", "kernel"), True),
+    ("ffn.proj_up.weight", ("ffn", "proj_up", "kernel"), True),
+    ("ffn.proj_down.weight", ("ffn", "proj_down", "kernel"), True),
+)
+# (HF name, attribute path in xLSTMLM, torch Linear weight?)
+TOP_PARAMS = (
+    ("backbone.embeddings.weight", ("embeddings", "embedding"), False),
+    ("backbone.out_norm.weight", ("out_norm", "weight"), False),
+    ("lm_head.weight", ("lm_head", "kernel"), True),
+)
+
+
+def _variable(module, path):
+    for name in path:
+        module = getattr(module, name)
+    return module
+
+
+def _param_slots(model: xLSTMLM):
+    """Yields (hf_name, variable, block index or None for unstacked, transpose) for every param."""
+    cfg = model.config
+    for name, path, transpose in TOP_PARAMS:
+        yield name, _variable(model, path), None, transpose
+    for i in range(cfg.num_blocks):
+        for name, path, transpose in BLOCK_PARAMS:
+            if cfg.scan_blocks:   # stacked: one variable with a leading num_blocks axis
+                yield f"backbone.blocks.{i}.{name}", _variable(model.blocks, path), i, transpose
+            else:
+                yield f"backbone.blocks.{i}.{name}", _variable(model.blocks[i], path), None, transpose
+
+
+def hf_param_names(config: xLSTMConfig) -> list[str]:
+    """The Hugging Face checkpoint's parameter names for this config, in model order."""
+    names = [name for name, _, _ in TOP_PARAMS]
+    names += [f"backbone.blocks.{i}.{name}" for i in range(config.num_blocks)
+              for name, _, _ in BLOCK_PARAMS]
+    return names
+
+
+def _hf_shape(variable, stacked: bool, transpose: bool) -> tuple[int, ...]:
+    shape = tuple(variable.shape)[1:] if stacked else tuple(variable.shape)
+    return shape[::-1] if transpose else shape
+
+
+def hf_state_dict(model: xLSTMLM) -> dict[str, np.ndarray]:
+    """The model's parameters in Hugging Face naming and layout (numpy, parameter dtype)."""
+    out = {}
+    for name, var, idx, transpose in _param_slots(model):
+        value = np.asarray(var[...])
+        if idx is not None:
+            value = value[idx]
+        out[name] = np.ascontiguousarray(value.T if transpose else value)
+    return out
+
+
+def _load(model: xLSTMLM, names, shape_of: Callable[[str], tuple], read: Callable[[str], np.ndarray]):
+    """Checks names and shapes against the model, then assigns every parameter."""
+    slots = list(_param_slots(model))
+    expected = {name: _hf_shape(var, idx is not None, transpose) for name, var, idx, transpose in slots}
+    names = set(names)
+    missing = [n for n in expected if n not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"checkpoint: missing key {missing[0]!r}{more}; expected "
+                         f"{len(expected)} parameters for {model.config.num_blocks} blocks")
+    extra = sorted(n for n in names if n not in expected)
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ValueError(f"checkpoint: unexpected key {extra[0]!r}{more}; it has no parameter in "
+                         f"xLSTMLM (wrong num_blocks, or a variant this model does not implement?)")
+    for name, shape in expected.items():
+        got = tuple(shape_of(name))
+        if got != shape:
+            raise ValueError(f"checkpoint: key {name!r} has shape {got}, expected {shape}"
+                             f"{' (torch Linear layout (out, in))' if len(shape) == 2 else ''}")
+    stacked: dict[int, list] = {}
+    for name, var, idx, transpose in slots:
+        value = np.asarray(read(name))
+        if transpose:
+            value = value.T
+        if idx is None:
+            var.set_value(jnp.asarray(value, dtype=var.dtype))
+            continue
+        parts = stacked.setdefault(id(var), [])
+        parts.append(value)
+        if len(parts) == model.config.num_blocks:   # blocks come in order 0..NB-1
+            var.set_value(jnp.asarray(np.stack(parts), dtype=var.dtype))
+            del stacked[id(var)]
+    return model
+
+
+def load_hf_state_dict(model: xLSTMLM, tensors: Mapping[str, np.ndarray]) -> xLSTMLM:
+    """Assigns Hugging Face-named tensors (e.g. `safetensors.numpy.load_file(...)`) to `model`'s
+    parameters in place (either block layout) and returns it. A missing, extra or mis-shaped key
+    is a ValueError naming the key."""
+    return _load(model, tensors.keys(), lambda n: np.shape(tensors[n]), lambda n: tensors[n])
+
+
+def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides) -> xLSTMLM:
+    """Loads a Hugging Face xLSTM checkpoint directory (e.g. a download of NX-AI/xLSTM-7b).
+
+    Reads `config.json` and every `*.safetensors` shard (safetensors' numpy side, one tensor at a
+    time) into an xLSTMLM built abstractly (no random init is materialised).
+
+    Args:
+      directory: holds config.json and the *.safetensors shard(s).
+      **config_overrides: xLSTMConfig fields to set, typically the JAX options: dtype,
+        param_dtype, mlstm_implementation, chunk_size, remat, scan_blocks.
+    Returns:
+      the xLSTMLM, parameters in config.param_dtype.
+    Raises:
+      FileNotFoundError without config.json or shards; ValueError for an unsupported config, a
+      key found in two shards, or a missing / unexpected / mis-shaped key (named).
+    """
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"load_hf_checkpoint: no config.json in {directory!r}")
+    with open(config_path) as fh:
+        config = xLSTMConfig.from_hf_config(json.load(fh), **config_overrides)
+    shards = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not shards:
+        raise FileNotFoundError(f"load_hf_checkpoint: no *.safetensors files in {directory!r}")
+    where: dict[str, str] = {}
+    shapes: dict[str, tuple] = {}
+    for shard in shards:
+        with safe_open(shard, framework="np") as f:
+            for name in f.keys():
+                if name in where:
+                    raise ValueError(f"checkpoint: key {name!r} is in two shards: "
+                                     f"{os.path.basename(where[name])} and {os.path.basename(shard)}")
+                where[name] = shard
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+
+    def read(name):
+        with safe_open(where[name], framework="np") as f:
+            return f.get_tensor(name)
+
+    model = nnx.eval_shape(lambda: xLSTMLM(config, rngs=nnx.Rngs(0)))
+    return _load(model, where.keys(), shapes.__getitem__, read)

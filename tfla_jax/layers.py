@@ -1,0 +1,643 @@
+"""Flax NNX xLSTM (the xLSTM 7B architecture): config presets, norms, mLSTM layer, SwiGLU
+feed-forward, residual block, language model, recurrent state and generation.
+
+Architecture (xLSTM 7B, arXiv 2503.13427), for x (B, T, d):
+
+    block(x) = x' + FFN(RMSNorm(x')),   x' = x + mLSTMLayer(RMSNorm(x))
+    mLSTMLayer(x) = out_proj( sigmoid(ogate(x)) * MultiHeadLayerNorm(mLSTM(q(x), k(x), v(x), i, f)) )
+        i = cap * tanh(igate(x) / cap),  f = cap * tanh(fgate(x) / cap)   (float32, cap = gate_soft_cap)
+    FFN(x) = proj_down( silu(proj_up_gate(x)) * proj_up(x) )               (SwiGLU)
+    logits = cap * tanh(lm_head(RMSNorm(blocks(embed(tokens)))) / cap)     (float32, output_logit_soft_cap)
+
+The mLSTM cell is `tfla_jax.mlstm` (sequences: the chunkwise/TFLA kernels) and `tfla_jax.mlstm_step`
+(decoding). The recurrent state of the whole model is one `MLSTMState` whose arrays carry a leading
+block axis: c (num_blocks, B, H, K, V), n (num_blocks, B, H, K), m (num_blocks, B, H), float32.
+Parameter names follow the Hugging Face xLSTM checkpoint (see `tfla_jax.hf`); nnx.Linear kernels
+are (in, out), the transpose of torch's (out, in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from tfla_jax import ops
+from tfla_jax.state import MLSTMState
+
+_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
+
+
+def _round_up(x: float, multiple: int) -> int:
+    """x rounded up to a multiple of `multiple` (as the HF xLSTM config does it: (x + m - 1) // m * m)."""
+    return int((x + multiple - 1) // multiple) * multiple
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): a smooth clip to (-cap, cap); the identity when cap is None or <= 0."""
+    if cap is None or cap <= 0:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
+    """xLSTM language-model hyper-parameters. Field names follow the Hugging Face xLSTM config.
+
+    The defaults are xLSTM 7B's architecture; use a preset: `xLSTMConfig.xlstm_7b()`, `tiny()`
+    (tests, CPU), `small()` / `medium()` (GPU demos). Every preset takes field overrides, e.g.
+    `xLSTMConfig.small(vocab_size=256, scan_blocks=True)`.
+
+    Architecture (HF names):
+      vocab_size, embedding_dim (d), num_heads (H), num_blocks.
+      qk_dim_factor, v_dim_factor: q/k width = d * qk_dim_factor, v width = d * v_dim_factor, both
+        rounded up to mlstm_round_up_to_multiple_of and split into H heads.
+      ffn_proj_factor, ffn_round_up_to_multiple_of: SwiGLU width = round_up(d * ffn_proj_factor).
+      gate_soft_cap: cap of the input/forget gate pre-activations; output_logit_soft_cap: of the
+        logits (None disables a cap).
+      igate_bias_init_range: the input-gate bias at init (-10).
+      norm_eps: RMSNorm eps; cell_norm_eps: eps of the per-head norm of h; eps: the mLSTM cell's
+        denominator eps.
+    JAX options:
+      dtype: compute dtype (activations, matmul operands), e.g. jnp.bfloat16; gate math, norms'
+        reductions, the mLSTM state and the logits stay float32 whatever it is.
+      param_dtype: parameter dtype (float32).
+      mlstm_implementation: `tfla_jax.mlstm`'s implementation for sequences (None: the fastest
+        available: "pallas" on GPU, "chunkwise" elsewhere); chunk_size: its chunk size (None: its
+        default).
+      remat: rematerialise each block in the backward pass (activation memory O(one block)).
+      scan_blocks: keep the blocks' parameters stacked (leading axis num_blocks) and run them with
+        `nnx.scan` (compile time independent of depth); otherwise an `nnx.List` of blocks.
+    """
+
+    vocab_size: int = 50304
+    embedding_dim: int = 4096
+    num_heads: int = 8
+    num_blocks: int = 32
+    qk_dim_factor: float = 0.5
+    v_dim_factor: float = 1.0
+    mlstm_round_up_to_multiple_of: int = 64
+    ffn_proj_factor: float = 2.667
+    ffn_round_up_to_multiple_of: int = 64
+    gate_soft_cap: float | None = 15.0
+    output_logit_soft_cap: float | None = 30.0
+    igate_bias_init_range: float = -10.0
+    norm_eps: float = 1e-6
+    cell_norm_eps: float = 1e-6
+    eps: float = 1e-6
+    # JAX-side options (not part of the HF config).
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    mlstm_implementation: str | None = None
+    chunk_size: int | None = None
+    remat: bool = False
+    scan_blocks: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "embedding_dim", "num_heads", "num_blocks",
+                     "mlstm_round_up_to_multiple_of", "ffn_round_up_to_multiple_of"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"xLSTMConfig.{name}: expected a positive int, got {value!r}")
+        for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"xLSTMConfig.{name}: expected a positive float, got {value!r}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                dt = jnp.dtype(getattr(self, name))
+            except TypeError as e:
+                raise ValueError(f"xLSTMConfig.{name}: not a dtype: {getattr(self, name)!r}") from e
+            if dt not in _FLOAT_DTYPES:
+                raise ValueError(f"xLSTMConfig.{name}: expected a float dtype, got {dt}")
+            object.__setattr__(self, name, dt)
+        for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
+            if dim % self.num_heads:
+                raise ValueError(f"xLSTMConfig: {name} = {dim} is not divisible by num_heads = "
+                                 f"{self.num_heads}")
+        if self.mlstm_implementation not in (None, *ops.IMPLEMENTATIONS):
+            raise ValueError(f"xLSTMConfig.mlstm_implementation: expected None or one of "
+                             f"{ops.IMPLEMENTATIONS}, got {self.mlstm_implementation!r}")
+        ops._check_chunk_size(self.chunk_size)
+
+    # Derived dims.
+    @property
+    def qk_dim(self) -> int:
+        """Total q/k width: round_up(embedding_dim * qk_dim_factor) (2048 for 7B)."""
+        return _round_up(self.embedding_dim * self.qk_dim_factor, self.mlstm_round_up_to_multiple_of)
+
+    @property
+    def v_dim(self) -> int:
+        """Total v (and output gate) width: round_up(embedding_dim * v_dim_factor) (4096 for 7B)."""
+        return _round_up(self.embedding_dim * self.v_dim_factor, self.mlstm_round_up_to_multiple_of)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """K, the per-head q/k dim (256 for 7B)."""
+        return self.qk_dim // self.num_heads
+
+    @property
+    def v_head_dim(self) -> int:
+        """V, the per-head v dim (512 for 7B)."""
+        return self.v_dim // self.num_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width: round_up(embedding_dim * ffn_proj_factor) (10944 for 7B)."""
+        return _round_up(self.embedding_dim * self.ffn_proj_factor, self.ffn_round_up_to_multiple_of)
+
+    @property
+    def num_params(self) -> int:
+        """Exact parameter count: 2 V d + d + num_blocks * (per-block count), see `block_params`."""
+        d, vocab = self.embedding_dim, self.vocab_size
+        return 2 * vocab * d + d + self.num_blocks * self.block_params
+
+    @property
+    def block_params(self) -> int:
+        """Parameters of one block: 2 d (RMSNorms) + 2 d qk (q, k) + 2 d v (v, ogate) + v d (out_proj)
+        + 2 (d H + H) (gates with bias) + v (per-head norm) + 3 d ffn (SwiGLU)."""
+        d, qk, v, h, ffn = (self.embedding_dim, self.qk_dim, self.v_dim, self.num_heads,
+                            self.ffn_hidden_dim)
+        return 2 * d + 2 * d * qk + 3 * d * v + 2 * (d * h + h) + v + 3 * d * ffn
+
+    # Presets.
+    @classmethod
+    def xlstm_7b(cls, **overrides) -> xLSTMConfig:
+        """xLSTM 7B (NX-AI/xLSTM-7b): 6,865,424,896 parameters; bf16 compute, fp32 params."""
+        return cls(**{"dtype": jnp.bfloat16, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> xLSTMConfig:
+        """A few-hundred-thousand-parameter model for tests and CPU training (byte vocabulary)."""
+        kw = dict(vocab_size=256, embedding_dim=64, num_heads=2, num_blocks=2,
+                  mlstm_round_up_to_multiple_of=16, ffn_round_up_to_multiple_of=16,
+                  dtype=jnp.float32, chunk_size=16)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def small(cls, **overrides) -> xLSTMConfig:
+        """~77M parameters with the 50304 vocabulary (25.6M without embeddings): d 512, 8 blocks,
+        4 heads (K 64, V 128); bf16 compute. A single-GPU demo."""
+        kw = dict(embedding_dim=512, num_heads=4, num_blocks=8, dtype=jnp.bfloat16)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def medium(cls, **overrides) -> xLSTMConfig:
+        """~407M parameters with the 50304 vocabulary: d 1024, 24 blocks, 4 heads (K 128, V 256);
+        bf16 compute, blocks scanned. A larger single-GPU demo."""
+        kw = dict(embedding_dim=1024, num_heads=4, num_blocks=24, dtype=jnp.bfloat16,
+                  scan_blocks=True)
+        return cls(**{**kw, **overrides})
+
+    # Hugging Face config.json.
+    _HF_FIELDS = ("vocab_size", "embedding_dim", "num_heads", "num_blocks", "qk_dim_factor",
+                  "v_dim_factor", "mlstm_round_up_to_multiple_of", "ffn_proj_factor",
+                  "ffn_round_up_to_multiple_of", "gate_soft_cap", "output_logit_soft_cap",
+                  "igate_bias_init_range", "norm_eps", "cell_norm_eps", "eps")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, **overrides) -> xLSTMConfig:
+        """Builds a config from a Hugging Face xLSTM `config.json` dict (plus JAX-side overrides).
+
+        Reads the architecture fields (`embedding_dim`/`hidden_size`, `num_blocks`/
+        `num_hidden_layers` both accepted); kernel and tokenizer fields are ignored. Raises a
+        ValueError naming the field for a variant this module does not implement (biases, tied
+        embeddings, no output norm, qk norm, post norm, fused weights).
+        """
+        hf = dict(hf)
+        aliases = {"embedding_dim": "hidden_size", "num_blocks": "num_hidden_layers"}
+        kw = {}
+        for name in cls._HF_FIELDS:
+            if name in hf and hf[name] is not None:
+                kw[name] = hf[name]
+            elif name in aliases and hf.get(aliases[name]) is not None:
+                kw[name] = hf[aliases[name]]
+        for name in ("vocab_size", "embedding_dim", "num_heads", "num_blocks"):
+            if name not in kw:
+                raise ValueError(f"config.json: missing required field {name!r}")
+        unsupported = {"use_bias": False, "tie_word_embeddings": False, "add_out_norm": True,
+                       "add_post_blocks_norm": True, "add_qk_norm": False, "add_post_norm": False,
+                       "weight_mode": "single"}
+        for name, want in unsupported.items():
+            if name in hf and hf[name] != want:
+                raise ValueError(f"config.json: {name}={hf[name]!r} is not supported "
+                                 f"(tfla_jax.layers implements {name}={want!r})")
+        config = cls(**{**kw, **overrides})
+        if hf.get("head_dim") not in (None, config.v_head_dim):
+            raise ValueError(f"config.json: head_dim={hf['head_dim']} disagrees with the derived "
+                             f"v head dim {config.v_head_dim}")
+        return config
+
+    def to_hf_config(self) -> dict:
+        """The Hugging Face `config.json` fields of this architecture."""
+        hf = {name: getattr(self, name) for name in self._HF_FIELDS}
+        hf.update(model_type="xlstm", architectures=["xLSTMForCausalLM"], use_bias=False,
+                  tie_word_embeddings=False, add_out_norm=True, weight_mode="single",
+                  head_dim=self.v_head_dim)
+        return hf
+
+
+# --------------------------------------------------------------------------------------------
+# Init (xLSTM 7B)
+# --------------------------------------------------------------------------------------------
+
+
+def small_init_std(dim: int) -> float:
+    """sqrt(2 / (5 d)): q, k, v, output gate, up-projections, embedding and head."""
+    return math.sqrt(2.0 / (5.0 * dim))
+
+
+def wang_init_std(dim: int, num_blocks: int) -> float:
+    """2 / (num_blocks sqrt(d)): the projections back into the residual stream."""
+    return 2.0 / (num_blocks * math.sqrt(dim))
+
+
+def _linspace_init(start: float, stop: float):
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.linspace(start, stop, shape[-1], dtype=jnp.float32).astype(dtype)
+    return init
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis; float32 reduction, no bias.
+
+    Input (..., dim) any float dtype; output in `dtype` (default: the input's).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = y * self.weight[...].astype(jnp.float32)
+        return y.astype(x.dtype if self.dtype is None else self.dtype)
+
+
+class MultiHeadLayerNorm(nnx.Module):
+    """Layer norm per head over V (mean subtracted, biased variance), weight only, float32 maths.
+
+    Input (..., H, V); output (..., H * V) in `dtype` (default: the input's); weight (H * V,).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, eps: float = 1e-6, dtype=None,
+                 param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((num_heads * head_dim,), param_dtype))
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-2:] != (self.num_heads, self.head_dim):
+            raise ValueError(f"MultiHeadLayerNorm: expected (..., {self.num_heads}, {self.head_dim}), "
+                             f"got shape {x.shape}")
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = centred * lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)
+        y = y.reshape(*x.shape[:-2], self.num_heads * self.head_dim)
+        y = y * self.weight[...].astype(jnp.float32)
+        return y.astype(x.dtype if self.dtype is None else self.dtype)
+
+
+def _linear(cfg: xLSTMConfig, d_in: int, d_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=nnx.initializers.normal(std), rngs=rngs)
+
+
+def _gate_linear(cfg: xLSTMConfig, bias_init, rngs: nnx.Rngs) -> nnx.Linear:
+    # Gate pre-activations are computed in float32 at full precision (no TF32 / bf16 rounding).
+    return nnx.Linear(cfg.embedding_dim, cfg.num_heads, use_bias=True, dtype=jnp.float32,
+                      param_dtype=cfg.param_dtype, precision=lax.Precision.HIGHEST,
+                      kernel_init=nnx.initializers.zeros_init(), bias_init=bias_init, rngs=rngs)
+
+
+class mLSTMLayer(nnx.Module):  # noqa: N801
+    """The xLSTM 7B mLSTM layer (no convolution, no up-projection): (B, T, d) -> (B, T, d).
+
+    Parameters (HF names): q, k (d -> qk_dim), v, ogate_preact (d -> v_dim), igate_preact,
+    fgate_preact (d -> H, with bias), multihead_norm (v_dim,), out_proj (v_dim -> d).
+    """
+
+    def __init__(self, config: xLSTMConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        d = cfg.embedding_dim
+        small = small_init_std(d)
+        self.config = cfg
+        self.q = _linear(cfg, d, cfg.qk_dim, small, rngs)
+        self.k = _linear(cfg, d, cfg.qk_dim, small, rngs)
+        self.v = _linear(cfg, d, cfg.v_dim, small, rngs)
+        self.ogate_preact = _linear(cfg, d, cfg.v_dim, small, rngs)
+        self.igate_preact = _gate_linear(
+            cfg, nnx.initializers.constant(cfg.igate_bias_init_range), rngs)
+        self.fgate_preact = _gate_linear(cfg, _linspace_init(3.0, 6.0), rngs)
+        self.multihead_norm = MultiHeadLayerNorm(cfg.num_heads, cfg.v_head_dim,
+                                                 eps=cfg.cell_norm_eps, dtype=cfg.dtype,
+                                                 param_dtype=cfg.param_dtype)
+        self.out_proj = _linear(cfg, cfg.v_dim, d, wang_init_std(d, cfg.num_blocks), rngs)
+
+    def _project(self, x):
+        """x (..., d) -> q, k (..., H, K); v (..., H, V); o (..., v_dim); i, f (..., H) float32."""
+        cfg = self.config
+        heads = x.shape[:-1] + (cfg.num_heads,)
+        q = self.q(x).reshape(*heads, cfg.qk_head_dim)
+        k = self.k(x).reshape(*heads, cfg.qk_head_dim)
+        v = self.v(x).reshape(*heads, cfg.v_head_dim)
+        o = self.ogate_preact(x)
+        i = soft_cap(self.igate_preact(x), cfg.gate_soft_cap)
+        f = soft_cap(self.fgate_preact(x), cfg.gate_soft_cap)
+        return q, k, v, o, i, f
+
+    def _output(self, h, o):
+        """h (..., H, V) cell output, o (..., v_dim) output-gate pre-activation -> (..., d)."""
+        return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h))
+
+    def __call__(self, x: jax.Array, state: MLSTMState | None = None, *,
+                 return_state: bool = False) -> tuple[jax.Array, MLSTMState | None]:
+        """x (B, T, d); state: optional initial MLSTMState (c (B,H,K,V), n (B,H,K), m (B,H)).
+
+        Returns (y (B, T, d) in config.dtype, final MLSTMState float32 if return_state else None).
+        """
+        cfg = self.config
+        q, k, v, o, i, f = self._project(x)
+        h, state = ops.mlstm(q, k, v, i, f, initial_state=state, return_state=return_state,
+                             eps=cfg.eps, chunk_size=cfg.chunk_size,
+                             implementation=cfg.mlstm_implementation)
+        return self._output(h, o), state
+
+    def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
+        """One decoding step: x (B, d) -> (y (B, d), new MLSTMState); state None means zeros."""
+        q, k, v, o, i, f = self._project(x)
+        h, state = ops.mlstm_step(q, k, v, i, f, state, eps=self.config.eps)
+        return self._output(h, o), state
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: proj_down(silu(proj_up_gate(x)) * proj_up(x)), d -> ffn_hidden_dim -> d, no biases."""
+
+    def __init__(self, config: xLSTMConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        d, hidden = cfg.embedding_dim, cfg.ffn_hidden_dim
+        self.proj_up_gate = _linear(cfg, d, hidden, small_init_std(d), rngs)
+        self.proj_up = _linear(cfg, d, hidden, small_init_std(d), rngs)
+        self.proj_down = _linear(cfg, hidden, d, wang_init_std(d, cfg.num_blocks), rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj_down(jax.nn.silu(self.proj_up_gate(x)) * self.proj_up(x))
+
+
+class mLSTMBlock(nnx.Module):  # noqa: N801
+    """Pre-norm residual block: x = x + mLSTM(RMSNorm(x)); x = x + FFN(RMSNorm(x))."""
+
+    def __init__(self, config: xLSTMConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        norm = functools.partial(RMSNorm, cfg.embedding_dim, eps=cfg.norm_eps, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype)
+        self.norm_mlstm = norm()
+        self.mlstm_layer = mLSTMLayer(cfg, rngs=rngs)
+        self.norm_ffn = norm()
+        self.ffn = FeedForward(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, state: MLSTMState | None = None, *,
+                 return_state: bool = False) -> tuple[jax.Array, MLSTMState | None]:
+        """x (B, T, d) -> (x (B, T, d), final MLSTMState or None); as `mLSTMLayer.__call__`."""
+        h, state = self.mlstm_layer(self.norm_mlstm(x), state, return_state=return_state)
+        x = x + h
+        return x + self.ffn(self.norm_ffn(x)), state
+
+    def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
+        """One decoding step: x (B, d) -> (x (B, d), new MLSTMState)."""
+        h, state = self.mlstm_layer.step(self.norm_mlstm(x), state)
+        x = x + h
+        return x + self.ffn(self.norm_ffn(x)), state
+
+
+class xLSTMLM(nnx.Module):  # noqa: N801
+    """The xLSTM language model: embeddings, num_blocks mLSTMBlocks, out_norm, lm_head.
+
+    Build: `model = xLSTMLM(xLSTMConfig.tiny(), rngs=nnx.Rngs(0))` (xLSTM 7B init), or abstractly
+    with `nnx.eval_shape(lambda: xLSTMLM(cfg, rngs=nnx.Rngs(0)))`. Parameters: `nnx.state(model,
+    nnx.Param)`; put them back with `nnx.update(model, params)`. With `config.scan_blocks` the
+    blocks' parameters are stacked (`model.blocks` is one mLSTMBlock whose arrays have a leading
+    num_blocks axis); otherwise `model.blocks[i]`.
+    """
+
+    def __init__(self, config: xLSTMConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        d = cfg.embedding_dim
+        self.config = cfg
+        self.embeddings = nnx.Embed(cfg.vocab_size, d, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                    embedding_init=nnx.initializers.normal(small_init_std(d)),
+                                    rngs=rngs)
+        if cfg.scan_blocks:
+            @nnx.split_rngs(splits=cfg.num_blocks)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_blocks(rngs):
+                return mLSTMBlock(cfg, rngs=rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([mLSTMBlock(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
+        self.out_norm = RMSNorm(d, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        # float32 logits from the dtype matmul (fp32 accumulation).
+        self.lm_head = nnx.Linear(d, cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                                  param_dtype=cfg.param_dtype, preferred_element_type=jnp.float32,
+                                  kernel_init=nnx.initializers.normal(small_init_std(d)), rngs=rngs)
+
+    def init_state(self, batch: int) -> MLSTMState:
+        """The zero state for `batch` sequences: c (NB, B, H, K, V), n (NB, B, H, K), m (NB, B, H)."""
+        cfg = self.config
+        lead = (cfg.num_blocks, batch, cfg.num_heads)
+        return MLSTMState(c=jnp.zeros(lead + (cfg.qk_head_dim, cfg.v_head_dim), jnp.float32),
+                          n=jnp.zeros(lead + (cfg.qk_head_dim,), jnp.float32),
+                          m=jnp.zeros(lead, jnp.float32))
+
+    def _check_state(self, state, batch):
+        if state is None:
+            return
+        cfg = self.config
+        lead = (cfg.num_blocks, batch, cfg.num_heads)
+        shapes = {"c": lead + (cfg.qk_head_dim, cfg.v_head_dim), "n": lead + (cfg.qk_head_dim,),
+                  "m": lead}
+        if not isinstance(state, MLSTMState):
+            raise ValueError(f"state: expected an MLSTMState (see xLSTMLM.init_state), got "
+                             f"{type(state).__name__}")
+        for name, shape in shapes.items():
+            got = getattr(state, name)
+            if tuple(got.shape) != shape:
+                raise ValueError(f"state.{name}: expected shape {shape} (num_blocks, B, H, ...), "
+                                 f"got {tuple(got.shape)}")
+
+    def _check_tokens(self, tokens, rank):
+        if not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.ndim != rank:
+            layout = "(B, T)" if rank == 2 else "(B,)"
+            raise ValueError(f"tokens: expected integer ids of shape {layout}, got shape "
+                             f"{tuple(tokens.shape)} dtype {tokens.dtype}")
+
+    def _run_blocks(self, x, state, *, step: bool, return_state: bool):
+        cfg = self.config
+
+        def apply(block, x, s):
+            if step:
+                return block.step(x, s)
+            return block(x, s, return_state=return_state)
+
+        if cfg.remat and not step:
+            apply = nnx.remat(apply, prevent_cse=not cfg.scan_blocks)
+        if cfg.scan_blocks:
+            def body(x, block, s):
+                return apply(block, x, s)
+
+            return nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
+                x, self.blocks, state)
+        states = []
+        for idx, block in enumerate(self.blocks):
+            s = None if state is None else jax.tree.map(lambda a, idx=idx: a[idx], state)
+            x, s = apply(block, x, s)
+            states.append(s)
+        if states[0] is None:
+            return x, None
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+    def _logits(self, x):
+        logits = self.lm_head(self.out_norm(x)).astype(jnp.float32)
+        return soft_cap(logits, self.config.output_logit_soft_cap)
+
+    def __call__(self, tokens: jax.Array, state: MLSTMState | None = None, *,
+                 return_state: bool = False) -> tuple[jax.Array, MLSTMState | None]:
+        """Forward over a sequence (training, scoring, prefill).
+
+        Args:
+          tokens: (B, T) integer ids, any T >= 1.
+          state: optional initial state (see `init_state`); None means zeros.
+          return_state: also return the final state (to continue with `step` or another call).
+        Returns:
+          (logits (B, T, vocab_size) float32 soft-capped, final MLSTMState or None).
+        """
+        self._check_tokens(tokens, 2)
+        self._check_state(state, tokens.shape[0])
+        x = self.embeddings(tokens)
+        x, state = self._run_blocks(x, state, step=False, return_state=return_state)
+        return self._logits(x), state
+
+    def step(self, tokens: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
+        """One decoding step with `tfla_jax.mlstm_step`: tokens (B,) -> (logits (B, vocab) float32,
+        new state). `step` after `__call__(..., return_state=True)` equals one longer `__call__`."""
+        self._check_tokens(tokens, 1)
+        if state is None:
+            state = self.init_state(tokens.shape[0])
+        self._check_state(state, tokens.shape[0])
+        x = self.embeddings(tokens)
+        x, state = self._run_blocks(x, state, step=True, return_state=True)
+        return self._logits(x), state
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax.Array = 1.0,
+                  top_k: int | None = None, greedy: bool | jax.Array = False) -> jax.Array:
+    """Next tokens from logits (B, vocab): argmax where greedy, else a sample of
+    softmax(logits / temperature) restricted to the top_k largest (all when top_k is None).
+    temperature and greedy may be traced (no recompilation); top_k is static. Returns (B,) int32."""
+    logits = logits.astype(jnp.float32)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if isinstance(greedy, bool) and greedy:
+        return best
+    scaled = logits / temperature
+    if top_k is not None:
+        kth = lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(greedy, best, drawn)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
+def _generate(graphdef, variables, prompt, key, temperature, greedy, eos, *, max_new_tokens,
+              top_k):
+    """eos < 0 means no end-of-sequence token. Returns (tokens (B, max_new_tokens), state)."""
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, greedy=greedy)
+    keys = jax.random.split(key, max_new_tokens)
+    model = nnx.merge(graphdef, variables)
+    logits, state = model(prompt, return_state=True)           # prefill: the sequence path
+    first = sample(logits[:, -1], keys[0])
+    done = (eos >= 0) & (first == eos)
+
+    def decode(carry, key):
+        # The variables ride in the carry (unchanged) so that the module is merged from values of
+        # this trace level: nnx transforms inside `step` (scan over blocks) require it.
+        variables, token, state, done = carry
+        logits, state = nnx.merge(graphdef, variables).step(token, state)
+        token = jnp.where(done, eos, sample(logits, key))
+        done = done | ((eos >= 0) & (token == eos))
+        return (variables, token, state, done), token
+
+    (_, _, state, _), rest = lax.scan(decode, (variables, first, state, done), keys[1:])
+    return jnp.concatenate([first[:, None], rest.T], axis=1), state
+
+
+def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, rng: jax.Array | None = None,
+             eos_token_id: int | None = None, return_state: bool = False):
+    """Autoregressive generation: prefill the prompt through the sequence path (the TFLA kernels),
+    then a jit-compiled `lax.scan` of `mlstm_step` decode steps.
+
+    Args:
+      model: an xLSTMLM.
+      prompt: (B, T0) integer ids, T0 >= 1 (all rows the same length).
+      max_new_tokens: number of tokens to generate (>= 1).
+      temperature: 0.0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
+      top_k: sample only among the k most likely tokens (None: all). top_k=1 is greedy.
+      rng: a jax.random key; required when temperature > 0.
+      eos_token_id: once a row emits it, the rest of that row is filled with it.
+      return_state: also return the state after the prompt and all generated tokens but the last
+        (so `model.step(tokens[:, -1], state)` continues the generation).
+    Returns:
+      tokens (B, max_new_tokens) int32 (the prompt not included), and the state if return_state.
+    """
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt: expected integer ids of shape (B, T0) with T0 >= 1, got shape "
+                         f"{tuple(prompt.shape)} dtype {prompt.dtype}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
+    vocab = model.config.vocab_size
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
+        raise ValueError(f"top_k: expected None or an int in [1, {vocab}], got {top_k!r}")
+    greedy = temperature == 0 or top_k == 1
+    if greedy:
+        top_k = None                      # one compiled program serves every greedy call
+    if rng is None:
+        if not greedy:
+            raise ValueError("rng: a jax.random key is needed when temperature > 0")
+        rng = jax.random.key(0)
+    if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < vocab):
+        raise ValueError(f"eos_token_id: expected None or an int in [0, {vocab}), got {eos_token_id!r}")
+    graphdef, variables = nnx.split(model)
+    tokens, state = _generate(graphdef, variables, prompt.astype(jnp.int32), rng,
+                              jnp.float32(temperature if temperature > 0 else 1.0),
+                              jnp.bool_(greedy), jnp.int32(-1 if eos_token_id is None else eos_token_id),
+                              max_new_tokens=max_new_tokens, top_k=top_k)
+    return (tokens, state) if return_state else tokens

@@ -1,0 +1,7 @@
+"""TFLA Pallas kernels (Triton lowering on GPU; `interpret=True` on CPU)."""
+
+from tfla_jax.pallas.api import mlstm_pallas
+from tfla_jax.pallas.config import TilingConfig
+from tfla_jax.pallas.fwd import mlstm_fwd
+
+__all__ = ["mlstm_pallas", "mlstm_fwd", "TilingConfig"]

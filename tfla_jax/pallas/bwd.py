@@ -1,0 +1,819 @@
+"""TFLA backward: exact mLSTM gradients as Pallas (Triton lowering) kernels (design/mlstm.md §4).
+
+The stabiliser m is held constant (it is `stop_gradient`'ed in the references), so the backward is
+the gradient of the unstabilised function: the normaliser's gradient (dden) is kept and cotangents on
+the final state are honoured. Per (batch, head), chunk c = 0..NC-1 (positions cL .. cL+L-1), state
+index c = the state entering chunk c (0 = initial state, NC = final state):
+
+    dnum_t  = dh_t / (N_t + eps)                           (dh_t when normalize is off)
+    dden_t  = -(dh_t . h_t) / (N_t + eps) * sign(den_t) * [|den_t| > floor_t]
+    dS_ts   = dnum_t . v_s + dden_t,   dA = dS * P,   P_ts = exp(b_t - b_s + logi_s - m_t) (s <= t)
+    dC_c    = decay_c dC_{c+1} + sum_t (scale w_inter_t q_t)^T dnum_t                 (reverse)
+    dn_c    = decay_c dn_{c+1} + sum_t scale w_inter_t dden_t q_t
+    dq_t    = scale [sum_s dA_ts k_s + w_inter_t (C_c dnum_t + dden_t n_c)]
+    dk_s    = scale sum_t dA_ts q_t + w_state_s (dC_{c+1} v_s + dn_{c+1})
+    dv_s    = sum_t S_ts dnum_t + w_state_s dC_{c+1}^T k_s,     S = scale (q k^T) * P
+    d f~_t  = (sum_{t' >= t} (q_t'.dq_t' - k_t'.dk_t') + Z) sigmoid(-f~_t),  Z = <dC_T,C_T> + <dn_T,n_T>
+    d i~_t  = k_t . dk_t  (exp)      (k_t . dk_t) sigmoid(-i~_t)  (sigmoid)
+    dm_0    = <dC_0, C_0> + <dn_0, n_0>  (exp; 0 for sigmoid)
+with w_inter_t = exp(b_t + m_c - m_t), w_state_s = exp(a_s - m_{c+1}), decay_c = exp(g_c + m_c - m_{c+1}).
+
+Kernels (all `pl.pallas_call` with `plt.CompilerParams`):
+  _chunk_states_kernel   C_c, n_c at every chunk boundary (recomputed when the forward kept none);
+                         sequential over chunks, parallel over (K tile, V tile, batch, head)
+  _state_grads_kernel    dC_c, dn_c by the reverse recurrence above; same grid
+  _dq_kernel             dq tiles (query tile x K tile), loops over kv tiles up to the diagonal and
+                         over V tiles; inter-chunk term from C_c, n_c; also q . dq per row
+  _dk_kernel             dk tiles (kv tile x K tile), loops over query tiles from the diagonal and
+                         over V tiles; inter-chunk term from dC_{c+1}, dn_{c+1}; also k . dk per row
+  _dv_kernel             dv tiles (kv tile x V tile), loops over query tiles and K tiles
+Gate preprocessing (cumsums, stabilisers, weights), the per-row normaliser terms and the gate
+gradients (a reverse cumsum) are cheap elementwise/scan work and run in XLA.
+
+Precision: float32 for every gate quantity, state, state cotangent and accumulator; matmul operands
+in the input dtype (states and state cotangents are rounded to it for the inter-chunk matmuls);
+float32 inputs use full-precision (IEEE, not TF32) dots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+_F32 = jnp.float32
+_NT = (((1,), (1,)), ((), ()))   # a @ b.T
+_TN = (((0,), (0,)), ((), ()))   # a.T @ b
+_NN = (((1,), (0,)), ((), ()))   # a @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdTilingConfig:
+    """Tile sizes of the backward kernels (powers of two; clipped to the padded head dims).
+
+    chunk_size:   L, the chunk length (must match the forward's).
+    block_q:      query rows per tile: the dq output tile, the loop tile of dk/dv.
+    block_kv:     key rows per tile: the dk/dv output tile, the loop tile of dq.
+    block_k:      K tile of the inner loops (S recomputation in dv).
+    block_v:      V tile of the inner loops (dA recomputation in dq/dk, inter terms).
+    block_k_out:  K tile of the dq and dk outputs (None: all of K; no recomputation of dA).
+    block_v_out:  V tile of the dv output (None: all of V; S recomputed once per tile).
+    block_k_state, block_v_state: the (K x V) tile of C/dC owned by one program of the two
+                  sequential chunk-state kernels.
+    num_warps, num_stages: Triton parameters of the dq/dk/dv kernels.
+    num_warps_state, num_stages_state: the same for the two chunk-state kernels.
+    """
+
+    chunk_size: int = 256
+    block_q: int = 64
+    block_kv: int = 64
+    block_k: int = 64
+    block_v: int = 64
+    block_k_out: int | None = None
+    block_v_out: int | None = 256
+    block_k_state: int = 64
+    block_v_state: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_state: int = 4
+    num_stages_state: int = 2
+
+    @classmethod
+    def get_default(cls, chunk_size: int = 256, dk: int | None = None, dv: int | None = None,
+                    dtype=None) -> "BwdTilingConfig":
+        """Defaults for a chunk size, head dims and input dtype (see benchmarks/NOTES_bwd.md)."""
+        block = min(64, chunk_size)
+        kp = _pow2_at_least_16(dk) if dk else 256
+        vp = _pow2_at_least_16(dv) if dv else 512
+        wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
+        # Whole-K dq/dk tiles avoid recomputing dA per K tile; float32 tiles are kept small so
+        # that the pipelined loads fit in shared memory.
+        block_k_out = 64 if wide else None
+        block_v_out = 64 if wide else 256
+        acc_cols = max(min(kp, block_k_out or kp), min(vp, block_v_out))
+        return cls(chunk_size=chunk_size, block_q=block, block_kv=block,
+                   block_k_out=block_k_out, block_v_out=block_v_out,
+                   num_warps=8 if acc_cols >= 128 else 4)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, pl.next_power_of_2(n))
+
+
+def _pad_last(x, size):
+    pad = size - x.shape[-1]
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _pad_last2(x, size_a, size_b):
+    pa, pb = size_a - x.shape[-2], size_b - x.shape[-1]
+    if pa == 0 and pb == 0:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pa), (0, pb)])
+
+
+def _check_tile(name, value, limit):
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"config.{name}: expected a power of two >= 16, got {value}")
+    return min(value, limit)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+def _chunk_states_kernel(k_ref, v_ref, w_ref, decay_ref, c0_ref, n0_ref, c_ref, n_ref, *,
+                         chunk, num_chunks, precision):
+    """C_{c+1} = decay_c C_c + (w k_c)^T v_c over the chunks; one (K x V) tile per program.
+
+    k_ref [T, bk], v_ref [T, bv], w_ref [T] (w_state), decay_ref [NC], c0_ref [bk, bv],
+    n0_ref [bk]; out c_ref [NC+1, bk, bv], n_ref [NC+1, bk] (n written by V tile 0 only).
+    """
+    first_v_tile = pl.program_id(1) == 0
+    c = c0_ref[...].astype(_F32)
+    n = n0_ref[...].astype(_F32)
+    c_ref[0] = c
+
+    @pl.when(first_v_tile)
+    def _():
+        n_ref[0] = n
+
+    def body(t, carry):
+        c, n = carry
+        rows = pl.ds(t * chunk, chunk)
+        kk = k_ref[rows, :]
+        kw = kk.astype(_F32) * w_ref[rows][:, None]                      # [L, bk]
+        d = decay_ref[t]
+        c = d * c + lax.dot_general(kw.astype(kk.dtype), v_ref[rows, :], _TN,
+                                    preferred_element_type=_F32, precision=precision)
+        n = d * n + jnp.sum(kw, axis=0)
+        c_ref[t + 1] = c
+
+        @pl.when(first_v_tile)
+        def _():
+            n_ref[t + 1] = n
+
+        return c, n
+
+    lax.fori_loop(0, num_chunks, body, (c, n))
+
+
+def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, dct_ref, dnt_ref, dc_ref,
+                        dn_ref, *, chunk, num_chunks, inter_dtype, precision):
+    """dC_c = decay_c dC_{c+1} + (wq q_c)^T dh_c, dn_c = decay_c dn_{c+1} + sum wd q_c (reverse).
+
+    q_ref [T, bk], dh_ref [T, bv], wq_ref/wd_ref [T] (scale w_inter / (N + eps), scale w_inter
+    dden), decay_ref [NC], dct_ref [bk, bv], dnt_ref [bk]; out dc_ref [NC+1, bk, bv], dn_ref
+    [NC+1, bk] (dn written by V tile 0 only).
+    """
+    first_v_tile = pl.program_id(1) == 0
+    dc = dct_ref[...].astype(_F32)
+    dn = dnt_ref[...].astype(_F32)
+    dc_ref[num_chunks] = dc
+
+    @pl.when(first_v_tile)
+    def _():
+        dn_ref[num_chunks] = dn
+
+    def body(s, carry):
+        dc, dn = carry
+        t = num_chunks - 1 - s
+        rows = pl.ds(t * chunk, chunk)
+        qf = q_ref[rows, :].astype(_F32)
+        d = decay_ref[t]
+        dc = d * dc + lax.dot_general((qf * wq_ref[rows][:, None]).astype(inter_dtype),
+                                      dh_ref[rows, :].astype(inter_dtype), _TN,
+                                      preferred_element_type=_F32, precision=precision)
+        dn = d * dn + jnp.sum(qf * wd_ref[rows][:, None], axis=0)
+        dc_ref[t] = dc
+
+        @pl.when(first_v_tile)
+        def _():
+            dn_ref[t] = dn
+
+        return dc, dn
+
+    lax.fori_loop(0, num_chunks, body, (dc, dn))
+
+
+def _decay_matrix(b_q, m_q, b_kv, logi_kv, q_pos, kv_pos):
+    """P[t, s] = exp(b_t - b_s + logi_s - m_t) for s <= t, else 0: [queries, keys]."""
+    log_p = (b_q - m_q)[:, None] + (logi_kv - b_kv)[None, :]
+    return jnp.exp(jnp.where(q_pos[:, None] >= kv_pos[None, :], log_p, -jnp.inf))
+
+
+def _decay_matrix_t(b_q, m_q, b_kv, logi_kv, q_pos, kv_pos):
+    """P^T: [keys, queries], built directly (no register transpose)."""
+    log_p = (logi_kv - b_kv)[:, None] + (b_q - m_q)[None, :]
+    return jnp.exp(jnp.where(q_pos[None, :] >= kv_pos[:, None], log_p, -jnp.inf))
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, bq_ref, mq_ref, invn_ref, dden_ref, wi_ref,
+               bkv_ref, logi_ref, c_ref, n_ref, dq_ref, qdq_ref, *,
+               chunk, block_q, block_kv, block_v, scale, precision, inter_dtype,
+               inter_precision):
+    """One (query tile, K tile) of dq and the per-row partial q . dq.
+
+    q_ref [bq, bko]; k_ref [L, bko], v_ref [L, Vp] (this chunk); dh_ref [bq, Vp];
+    bq_ref, mq_ref, invn_ref, dden_ref, wi_ref [bq] (b, m_row, 1/(N+eps), dden, w_inter of the
+    rows); bkv_ref, logi_ref [L] (b, log i of the chunk); c_ref [bko, Vp], n_ref [bko] (state
+    entering the chunk). out dq_ref [bq, bko], qdq_ref [bq].
+    """
+    dtype = q_ref.dtype
+    num_v = v_ref.shape[-1] // block_v
+    tile = lax.rem(pl.program_id(0), chunk // block_q)
+    q_pos = tile * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+    b_q = bq_ref[...]
+    m_q = mq_ref[...]
+    inv_n = invn_ref[...]
+    dden = dden_ref[...]
+
+    def kv_body(s, dq):
+        kv_rows = pl.ds(s * block_kv, block_kv)
+
+        def v_body(vt, dh_v):
+            cols = pl.ds(vt * block_v, block_v)
+            return dh_v + lax.dot_general(dh_ref[:, cols], v_ref[kv_rows, cols], _NT,
+                                          preferred_element_type=_F32, precision=precision)
+
+        dh_v = lax.fori_loop(0, num_v, v_body, jnp.zeros((block_q, block_kv), _F32))
+        kv_pos = s * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+        p = _decay_matrix(b_q, m_q, bkv_ref[kv_rows], logi_ref[kv_rows], q_pos, kv_pos)
+        d_a = (dh_v * inv_n[:, None] + dden[:, None]) * p                 # [bq, bkv]
+        return dq + lax.dot_general(d_a.astype(dtype), k_ref[kv_rows, :], _NN,
+                                    preferred_element_type=_F32, precision=precision)
+
+    num_kv = lax.div((tile + 1) * block_q + block_kv - 1, block_kv)
+    dq = lax.fori_loop(0, num_kv, kv_body, jnp.zeros(dq_ref.shape, _F32))
+
+    # Inter-chunk term: w_inter (C_c dnum + dden n_c).
+    w = wi_ref[...]
+
+    def inter_body(vt, acc):
+        cols = pl.ds(vt * block_v, block_v)
+        return acc + lax.dot_general(dh_ref[:, cols].astype(inter_dtype),
+                                     c_ref[:, cols].astype(inter_dtype), _NT,
+                                     preferred_element_type=_F32, precision=inter_precision)
+
+    dh_c = lax.fori_loop(0, num_v, inter_body, jnp.zeros(dq_ref.shape, _F32))
+    dq = (dq + w[:, None] * (inv_n[:, None] * dh_c + dden[:, None] * n_ref[...][None, :])) * scale
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    qdq_ref[...] = jnp.sum(q_ref[...].astype(_F32) * dq, axis=1)
+
+
+def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, bkv_ref, logi_ref, ws_ref, bq_ref, mq_ref,
+               invn_ref, dden_ref, dc_ref, dn_ref, dk_ref, kdk_ref, *,
+               chunk, block_q, block_kv, block_v, scale, precision, inter_dtype,
+               inter_precision):
+    """One (kv tile, K tile) of dk and the per-row partial k . dk.
+
+    k_ref [bkv, bko], v_ref [bkv, Vp]; q_ref [L, bko], dh_ref [L, Vp] (this chunk);
+    bkv_ref, logi_ref, ws_ref [bkv] (b, log i, w_state of the rows); bq_ref, mq_ref, invn_ref,
+    dden_ref [L] (query side of the chunk); dc_ref [bko, Vp], dn_ref [bko] (cotangent of the state
+    leaving the chunk). out dk_ref [bkv, bko], kdk_ref [bkv].
+    """
+    dtype = k_ref.dtype
+    num_v = v_ref.shape[-1] // block_v
+    tile = lax.rem(pl.program_id(0), chunk // block_kv)
+    kv_pos = tile * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+    b_kv = bkv_ref[...]
+    logi_kv = logi_ref[...]
+
+    def q_body(t, dk):
+        rows = pl.ds(t * block_q, block_q)
+        inv_n = invn_ref[rows]
+
+        def v_body(vt, v_dh):
+            cols = pl.ds(vt * block_v, block_v)
+            return v_dh + lax.dot_general(v_ref[:, cols], dh_ref[rows, cols], _NT,
+                                          preferred_element_type=_F32, precision=precision)
+
+        v_dh = lax.fori_loop(0, num_v, v_body, jnp.zeros((block_kv, block_q), _F32))
+        q_pos = t * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+        p_t = _decay_matrix_t(bq_ref[rows], mq_ref[rows], b_kv, logi_kv, q_pos, kv_pos)
+        d_at = (v_dh * inv_n[None, :] + dden_ref[rows][None, :]) * p_t    # [bkv, bq]
+        return dk + lax.dot_general(d_at.astype(dtype), q_ref[rows, :], _NN,
+                                    preferred_element_type=_F32, precision=precision)
+
+    first = lax.div(tile * block_kv, block_q)
+    dk = lax.fori_loop(first, chunk // block_q, q_body, jnp.zeros(dk_ref.shape, _F32)) * scale
+
+    # Chunk-state term: w_state (dC_{c+1} v + dn_{c+1}).
+    def inter_body(vt, acc):
+        cols = pl.ds(vt * block_v, block_v)
+        return acc + lax.dot_general(v_ref[:, cols].astype(inter_dtype),
+                                     dc_ref[:, cols].astype(inter_dtype), _NT,
+                                     preferred_element_type=_F32, precision=inter_precision)
+
+    inter = lax.fori_loop(0, num_v, inter_body, jnp.zeros(dk_ref.shape, _F32))
+    dk = dk + ws_ref[...][:, None] * (inter + dn_ref[...][None, :])
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    kdk_ref[...] = jnp.sum(k_ref[...].astype(_F32) * dk, axis=1)
+
+
+def _dv_kernel(k_ref, q_ref, dh_ref, bkv_ref, logi_ref, ws_ref, bq_ref, mq_ref, invn_ref,
+               dc_ref, dv_ref, *, chunk, block_q, block_kv, block_k, scale, precision,
+               inter_dtype, inter_precision):
+    """One (kv tile, V tile) of dv.
+
+    k_ref [bkv, Kp]; q_ref [L, Kp], dh_ref [L, bvo] (this chunk); bkv_ref, logi_ref, ws_ref [bkv];
+    bq_ref, mq_ref, invn_ref [L]; dc_ref [Kp, bvo] (cotangent of the state leaving the chunk).
+    out dv_ref [bkv, bvo].
+    """
+    dtype = k_ref.dtype
+    num_k = k_ref.shape[-1] // block_k
+    tile = lax.rem(pl.program_id(0), chunk // block_kv)
+    kv_pos = tile * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+    b_kv = bkv_ref[...]
+    logi_kv = logi_ref[...]
+
+    def q_body(t, dv):
+        rows = pl.ds(t * block_q, block_q)
+
+        def k_body(kt, s_t):
+            cols = pl.ds(kt * block_k, block_k)
+            return s_t + lax.dot_general(k_ref[:, cols], q_ref[rows, cols], _NT,
+                                         preferred_element_type=_F32, precision=precision)
+
+        s_t = lax.fori_loop(0, num_k, k_body, jnp.zeros((block_kv, block_q), _F32))
+        q_pos = t * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+        p_t = _decay_matrix_t(bq_ref[rows], mq_ref[rows], b_kv, logi_kv, q_pos, kv_pos)
+        # S^T / (N + eps) column-wise: dv += S^T dnum with dnum = dh / (N + eps).
+        s_t = s_t * (p_t * (scale * invn_ref[rows])[None, :])             # [bkv, bq]
+        return dv + lax.dot_general(s_t.astype(dtype), dh_ref[rows, :], _NN,
+                                    preferred_element_type=_F32, precision=precision)
+
+    first = lax.div(tile * block_kv, block_q)
+    dv = lax.fori_loop(first, chunk // block_q, q_body, jnp.zeros(dv_ref.shape, _F32))
+
+    # Chunk-state term: w_state dC_{c+1}^T k.
+    def inter_body(kt, acc):
+        cols = pl.ds(kt * block_k, block_k)
+        return acc + lax.dot_general(k_ref[:, cols].astype(inter_dtype),
+                                     dc_ref[cols, :].astype(inter_dtype), _NN,
+                                     preferred_element_type=_F32, precision=inter_precision)
+
+    inter = lax.fori_loop(0, num_k, inter_body, jnp.zeros(dv_ref.shape, _F32))
+    dv_ref[...] = (dv + ws_ref[...][:, None] * inter).astype(dv_ref.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers (layout: q, k, v, dh (B, T, H, D); gate rows (B, H, T); states
+# (B, H, NC+1, K, V); every head dim already padded to a power of two >= 16)
+# --------------------------------------------------------------------------------------------
+
+def _params(num_warps, num_stages):
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _precision(dtype):
+    """float32 inputs: full-precision dots (IEEE), not TF32."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _inter_dtype(dtype):
+    """Operand dtype of the dots with states / state cotangents (and 1/(N+eps)-scaled q): bf16
+    for bf16 inputs, else float32 (float16 would overflow on large states)."""
+    return jnp.dtype(jnp.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(_F32)
+
+
+def _inter_kw(dtype):
+    return dict(inter_dtype=_inter_dtype(dtype), inter_precision=_precision(dtype))
+
+
+def chunk_states(k, v, w_state, decay, c0, n0, *, chunk, block_k, block_v, num_warps,
+                 num_stages, interpret):
+    """States C (B,H,NC+1,K,V) and n (B,H,NC+1,K) at every chunk boundary, float32."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NC = T // chunk
+    kernel = functools.partial(_chunk_states_kernel, chunk=chunk, num_chunks=NC,
+                               precision=_precision(k.dtype))
+    return pl.pallas_call(
+        kernel,
+        grid=(K // block_k, V // block_v, B, H),
+        in_specs=[
+            pl.BlockSpec((None, T, None, block_k), lambda kt, vt, b, h: (b, 0, h, kt)),
+            pl.BlockSpec((None, T, None, block_v), lambda kt, vt, b, h: (b, 0, h, vt)),
+            pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
+            pl.BlockSpec((None, None, NC), lambda kt, vt, b, h: (b, h, 0)),
+            pl.BlockSpec((None, None, block_k, block_v), lambda kt, vt, b, h: (b, h, kt, vt)),
+            pl.BlockSpec((None, None, block_k), lambda kt, vt, b, h: (b, h, kt)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, NC + 1, block_k, block_v),
+                         lambda kt, vt, b, h: (b, h, 0, kt, vt)),
+            pl.BlockSpec((None, None, NC + 1, block_k), lambda kt, vt, b, h: (b, h, 0, kt)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _F32),
+                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32)],
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="mlstm_bwd_chunk_states",
+    )(k, v, w_state, decay, c0, n0)
+
+
+def state_grads(q, dh, wq, wd, decay, dc_t, dn_t, *, chunk, block_k, block_v, num_warps,
+                num_stages, interpret):
+    """Cotangents dC (B,H,NC+1,K,V) and dn (B,H,NC+1,K) of every chunk-boundary state, float32."""
+    B, T, H, K = q.shape
+    V = dh.shape[-1]
+    NC = T // chunk
+    kernel = functools.partial(_state_grads_kernel, chunk=chunk, num_chunks=NC,
+                               inter_dtype=_inter_dtype(q.dtype), precision=_precision(q.dtype))
+    return pl.pallas_call(
+        kernel,
+        grid=(K // block_k, V // block_v, B, H),
+        in_specs=[
+            pl.BlockSpec((None, T, None, block_k), lambda kt, vt, b, h: (b, 0, h, kt)),
+            pl.BlockSpec((None, T, None, block_v), lambda kt, vt, b, h: (b, 0, h, vt)),
+            pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
+            pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
+            pl.BlockSpec((None, None, NC), lambda kt, vt, b, h: (b, h, 0)),
+            pl.BlockSpec((None, None, block_k, block_v), lambda kt, vt, b, h: (b, h, kt, vt)),
+            pl.BlockSpec((None, None, block_k), lambda kt, vt, b, h: (b, h, kt)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, NC + 1, block_k, block_v),
+                         lambda kt, vt, b, h: (b, h, 0, kt, vt)),
+            pl.BlockSpec((None, None, NC + 1, block_k), lambda kt, vt, b, h: (b, h, 0, kt)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _F32),
+                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32)],
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="mlstm_bwd_state_grads",
+    )(q, dh, wq, wd, decay, dc_t, dn_t)
+
+
+def intra_chunk_dq(q, k, v, dh, b, m_row, inv_n, dden, w_inter, logi, c_states, n_states, *,
+                   chunk, block_q, block_kv, block_v, block_k_out, scale, num_warps, num_stages,
+                   interpret):
+    """dq (B,T,H,K) in q's dtype and the partial row dots q . dq (B,H,K/block_k_out,T) float32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    per_chunk = chunk // block_q
+    kernel = functools.partial(_dq_kernel, chunk=chunk, block_q=block_q, block_kv=block_kv,
+                               block_v=block_v, scale=scale, precision=_precision(q.dtype),
+                               **_inter_kw(q.dtype))
+
+    def chunk_of(j):
+        return lax.div(j, per_chunk)
+
+    row = pl.BlockSpec((None, None, block_q), lambda j, kt, b_, h: (b_, h, j))
+    chunk_row = pl.BlockSpec((None, None, chunk), lambda j, kt, b_, h: (b_, h, chunk_of(j)))
+    return pl.pallas_call(
+        kernel,
+        grid=(T // block_q, K // block_k_out, B, H),
+        in_specs=[
+            pl.BlockSpec((None, block_q, None, block_k_out), lambda j, kt, b_, h: (b_, j, h, kt)),
+            pl.BlockSpec((None, chunk, None, block_k_out),
+                         lambda j, kt, b_, h: (b_, chunk_of(j), h, kt)),
+            pl.BlockSpec((None, chunk, None, V), lambda j, kt, b_, h: (b_, chunk_of(j), h, 0)),
+            pl.BlockSpec((None, block_q, None, V), lambda j, kt, b_, h: (b_, j, h, 0)),
+            row, row, row, row, row,
+            chunk_row, chunk_row,
+            pl.BlockSpec((None, None, None, block_k_out, V),
+                         lambda j, kt, b_, h: (b_, h, chunk_of(j), kt, 0)),
+            pl.BlockSpec((None, None, None, block_k_out),
+                         lambda j, kt, b_, h: (b_, h, chunk_of(j), kt)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block_q, None, block_k_out), lambda j, kt, b_, h: (b_, j, h, kt)),
+            pl.BlockSpec((None, None, None, block_q), lambda j, kt, b_, h: (b_, h, kt, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, K // block_k_out, T), _F32)],
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="mlstm_bwd_dq",
+    )(q, k, v, dh, b, m_row, inv_n, dden, w_inter, b, logi, c_states, n_states)
+
+
+def intra_chunk_dk(q, k, v, dh, b, m_row, inv_n, dden, logi, w_state, dc_states, dn_states, *,
+                   chunk, block_q, block_kv, block_v, block_k_out, scale, num_warps, num_stages,
+                   interpret):
+    """dk (B,T,H,K) in k's dtype and the partial row dots k . dk (B,H,K/block_k_out,T) float32."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    per_chunk = chunk // block_kv
+    kernel = functools.partial(_dk_kernel, chunk=chunk, block_q=block_q, block_kv=block_kv,
+                               block_v=block_v, scale=scale, precision=_precision(k.dtype),
+                               **_inter_kw(k.dtype))
+
+    def chunk_of(j):
+        return lax.div(j, per_chunk)
+
+    row = pl.BlockSpec((None, None, block_kv), lambda j, kt, b_, h: (b_, h, j))
+    chunk_row = pl.BlockSpec((None, None, chunk), lambda j, kt, b_, h: (b_, h, chunk_of(j)))
+    return pl.pallas_call(
+        kernel,
+        grid=(T // block_kv, K // block_k_out, B, H),
+        in_specs=[
+            pl.BlockSpec((None, block_kv, None, block_k_out), lambda j, kt, b_, h: (b_, j, h, kt)),
+            pl.BlockSpec((None, block_kv, None, V), lambda j, kt, b_, h: (b_, j, h, 0)),
+            pl.BlockSpec((None, chunk, None, block_k_out),
+                         lambda j, kt, b_, h: (b_, chunk_of(j), h, kt)),
+            pl.BlockSpec((None, chunk, None, V), lambda j, kt, b_, h: (b_, chunk_of(j), h, 0)),
+            row, row, row,
+            chunk_row, chunk_row, chunk_row, chunk_row,
+            pl.BlockSpec((None, None, None, block_k_out, V),
+                         lambda j, kt, b_, h: (b_, h, chunk_of(j) + 1, kt, 0)),
+            pl.BlockSpec((None, None, None, block_k_out),
+                         lambda j, kt, b_, h: (b_, h, chunk_of(j) + 1, kt)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, block_kv, None, block_k_out), lambda j, kt, b_, h: (b_, j, h, kt)),
+            pl.BlockSpec((None, None, None, block_kv), lambda j, kt, b_, h: (b_, h, kt, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct((B, H, K // block_k_out, T), _F32)],
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="mlstm_bwd_dk",
+    )(k, v, q, dh, b, logi, w_state, b, m_row, inv_n, dden, dc_states, dn_states)
+
+
+def intra_chunk_dv(q, k, v, dh, b, m_row, inv_n, logi, w_state, dc_states, *, chunk, block_q,
+                   block_kv, block_k, block_v_out, scale, num_warps, num_stages, interpret):
+    """dv (B,T,H,V) in v's dtype."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    per_chunk = chunk // block_kv
+    kernel = functools.partial(_dv_kernel, chunk=chunk, block_q=block_q, block_kv=block_kv,
+                               block_k=block_k, scale=scale, precision=_precision(k.dtype),
+                               **_inter_kw(k.dtype))
+
+    def chunk_of(j):
+        return lax.div(j, per_chunk)
+
+    row = pl.BlockSpec((None, None, block_kv), lambda j, vt, b_, h: (b_, h, j))
+    chunk_row = pl.BlockSpec((None, None, chunk), lambda j, vt, b_, h: (b_, h, chunk_of(j)))
+    return pl.pallas_call(
+        kernel,
+        grid=(T // block_kv, V // block_v_out, B, H),
+        in_specs=[
+            pl.BlockSpec((None, block_kv, None, K), lambda j, vt, b_, h: (b_, j, h, 0)),
+            pl.BlockSpec((None, chunk, None, K), lambda j, vt, b_, h: (b_, chunk_of(j), h, 0)),
+            pl.BlockSpec((None, chunk, None, block_v_out),
+                         lambda j, vt, b_, h: (b_, chunk_of(j), h, vt)),
+            row, row, row,
+            chunk_row, chunk_row, chunk_row,
+            pl.BlockSpec((None, None, None, K, block_v_out),
+                         lambda j, vt, b_, h: (b_, h, chunk_of(j) + 1, 0, vt)),
+        ],
+        out_specs=pl.BlockSpec((None, block_kv, None, block_v_out),
+                               lambda j, vt, b_, h: (b_, j, h, vt)),
+        out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
+        compiler_params=_params(num_warps, num_stages),
+        interpret=interpret,
+        name="mlstm_bwd_dv",
+    )(k, q, dh, b, logi, w_state, b, m_row, inv_n, dc_states)
+
+
+# --------------------------------------------------------------------------------------------
+# Gate preprocessing and the host function
+# --------------------------------------------------------------------------------------------
+
+def _rows(x):
+    """(B, T, H) -> (B, H, T) float32."""
+    return jnp.swapaxes(x.astype(_F32), 1, 2)
+
+
+def chunk_gate_terms(i, f, input_gate, chunk):
+    """Per-position float32 gate terms (B, H, T): F, log i, b (inclusive cumsum in the chunk), a
+    (reverse cumsum after the position, plus log i); per chunk (B, H, NC): g, max a."""
+    F = jax.nn.log_sigmoid(_rows(f))
+    logi = _rows(i) if input_gate == "exp" else jax.nn.log_sigmoid(_rows(i))
+    B, H, T = F.shape
+    NC = T // chunk
+    F4 = F.reshape(B, H, NC, chunk)
+    b = jnp.cumsum(F4, axis=-1)
+    F_after = jnp.concatenate([F4[..., 1:], jnp.zeros_like(F4[..., :1])], axis=-1)
+    a = lax.cumsum(F_after, axis=3, reverse=True) + logi.reshape(B, H, NC, chunk)
+    return logi, b.reshape(B, H, T), a.reshape(B, H, T), b[..., -1], jnp.max(a, axis=-1)
+
+
+def chunk_stabilisers(g, a_max, m0, input_gate):
+    """m at every chunk boundary (B, H, NC+1): m_{c+1} = max(g_c + m_c, max a_c); 0 for sigmoid."""
+    if input_gate != "exp":
+        return jnp.zeros((*g.shape[:-1], g.shape[-1] + 1), _F32)
+
+    def combine(first, second):  # composition of x -> max(x + g, A) maps, first then second
+        g1, a1 = first
+        g2, a2 = second
+        return g1 + g2, jnp.maximum(a1 + g2, a2)
+
+    G, A = lax.associative_scan(combine, (g, a_max), axis=-1)
+    m = jnp.maximum(m0[..., None] + G, A)
+    return jnp.concatenate([m0[..., None], m], axis=-1)
+
+
+def _resolve_config(config, dk, dv, dtype) -> BwdTilingConfig:
+    if isinstance(config, BwdTilingConfig):
+        return config
+    if config is None:
+        return BwdTilingConfig.get_default(dk=dk, dv=dv, dtype=dtype)
+    if isinstance(config, int):
+        return BwdTilingConfig.get_default(config, dk, dv, dtype)
+    bwd = getattr(config, "bwd", None)  # a forward config that carries backward tiles
+    if isinstance(bwd, BwdTilingConfig):
+        return bwd
+    return BwdTilingConfig.get_default(config.chunk_size, dk, dv, dtype)
+
+
+def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input_gate="exp",
+              normalize=True, scale=None, eps=1e-6, config=None, interpret=False, states=None):
+    """Exact gradients of the mLSTM (m held constant) by the TFLA backward kernels.
+
+    q, k: (B, T, H, K); v, h, dh: (B, T, H, V) (h the forward output, dh its cotangent);
+    i, f: (B, T, H) raw gate pre-activations; c0 (B, H, K, V), n0 (B, H, K), m0 (B, H): the
+    initial state (None: zeros); den, m_row: (B, H, T) float32 forward residuals (the raw
+    denominator before abs/max, the per-row stabiliser); dc_T (B, H, K, V), dn_T (B, H, K): the
+    final-state cotangents (None or zeros allowed). T must be a multiple of the chunk size.
+    states: None (recompute the chunk-boundary states in a Pallas kernel) or the forward's
+    (C (B,H,NC+1,K,V), n (B,H,NC+1,K), m (B,H,NC+1)) float32, index 0 = initial state.
+    config: a BwdTilingConfig, a forward TilingConfig (its chunk_size is used), a chunk size or
+    None. Returns (dq, dk, dv, di, df, dc0, dn0, dm0): gradients in the dtypes of q, k, v, i, f;
+    dc0, dn0, dm0 float32 (dm0 = 0 for the sigmoid gate).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    cfg = _resolve_config(config, K, V, q.dtype)
+    L = cfg.chunk_size
+    if T % L:
+        raise ValueError(f"q: T={T} must be a multiple of the chunk size {L} (pad first)")
+    Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
+    block_q = _check_tile("block_q", cfg.block_q, L)
+    block_kv = _check_tile("block_kv", cfg.block_kv, L)
+    block_k = _check_tile("block_k", cfg.block_k, Kp)
+    block_v = _check_tile("block_v", cfg.block_v, Vp)
+    block_k_out = _check_tile("block_k_out", cfg.block_k_out or Kp, Kp)
+    block_v_out = _check_tile("block_v_out", cfg.block_v_out or Vp, Vp)
+    block_k_state = _check_tile("block_k_state", cfg.block_k_state, Kp)
+    block_v_state = _check_tile("block_v_state", cfg.block_v_state, Vp)
+    NC = T // L
+    scale = K ** -0.5 if scale is None else float(scale)
+    exp_gate = input_gate == "exp"
+    if c0 is None:
+        c0 = jnp.zeros((B, H, K, V), _F32)
+    if n0 is None:
+        n0 = jnp.zeros((B, H, K), _F32)
+    if m0 is None or not exp_gate:
+        m0 = jnp.zeros((B, H), _F32)
+    c0, n0, m0 = (x.astype(_F32) for x in (c0, n0, m0))
+    dc_T = jnp.zeros((B, H, K, V), _F32) if dc_T is None else dc_T.astype(_F32)
+    dn_T = jnp.zeros((B, H, K), _F32) if dn_T is None else dn_T.astype(_F32)
+
+    # Padded head dims (zeros contribute nothing; sliced off at the end).
+    qp, kp = _pad_last(q, Kp), _pad_last(k, Kp)
+    vp, dhp = _pad_last(v, Vp), _pad_last(dh.astype(v.dtype), Vp)
+    dc_Tp, dn_Tp = _pad_last2(dc_T, Kp, Vp), _pad_last(dn_T, Kp)
+
+    # Gates (XLA, float32).
+    logi, b, a, g, a_max = chunk_gate_terms(i, f, input_gate, L)
+    m_row = m_row.astype(_F32)
+    if states is None:
+        m_states = chunk_stabilisers(g, a_max, m0, input_gate)
+    else:
+        m_states = states[2].astype(_F32) if exp_gate else jnp.zeros((B, H, NC + 1), _F32)
+    m_prev, m_next = m_states[..., :-1], m_states[..., 1:]
+    per_chunk = lambda x: x.reshape(B, H, NC, L)
+    w_inter = jnp.exp(per_chunk(b) + m_prev[..., None] - per_chunk(m_row)).reshape(B, H, T)
+    w_state = jnp.exp(per_chunk(a) - m_next[..., None]).reshape(B, H, T)
+    decay = jnp.exp(g + m_prev - m_next)                                  # (B, H, NC)
+
+    # Normaliser terms per row.
+    if normalize:
+        floor = jnp.exp(-m_row) if exp_gate else jnp.ones_like(m_row)
+        den = den.astype(_F32)
+        inv_n = 1.0 / (jnp.maximum(jnp.abs(den), floor) + eps)
+        dh_h = jnp.einsum("bthv,bthv->bht", dh.astype(_F32), h.astype(_F32))
+        dden = jnp.where(jnp.abs(den) > floor, -dh_h * inv_n * jnp.sign(den), 0.0)
+    else:
+        inv_n = jnp.ones((B, H, T), _F32)
+        dden = jnp.zeros((B, H, T), _F32)
+
+    # Chunk-boundary states.
+    if states is None:
+        c_states, n_states = chunk_states(
+            kp, vp, w_state, decay, _pad_last2(c0, Kp, Vp), _pad_last(n0, Kp), chunk=L,
+            block_k=block_k_state, block_v=block_v_state, num_warps=cfg.num_warps_state,
+            num_stages=cfg.num_stages_state, interpret=interpret)
+    else:
+        c_states = _pad_last2(states[0].astype(_F32), Kp, Vp)
+        n_states = _pad_last(states[1].astype(_F32), Kp)
+
+    # Reverse recurrence for the state cotangents.
+    dc_states, dn_states = state_grads(
+        qp, dhp, scale * w_inter * inv_n, scale * w_inter * dden, decay, dc_Tp, dn_Tp, chunk=L,
+        block_k=block_k_state, block_v=block_v_state, num_warps=cfg.num_warps_state,
+        num_stages=cfg.num_stages_state, interpret=interpret)
+
+    tiles = dict(chunk=L, block_q=block_q, block_kv=block_kv, scale=scale,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
+    dq, qdq = intra_chunk_dq(qp, kp, vp, dhp, b, m_row, inv_n, dden, w_inter, logi, c_states,
+                             n_states, block_v=block_v, block_k_out=block_k_out, **tiles)
+    dk, kdk = intra_chunk_dk(qp, kp, vp, dhp, b, m_row, inv_n, dden, logi, w_state, dc_states,
+                             dn_states, block_v=block_v, block_k_out=block_k_out, **tiles)
+    dv = intra_chunk_dv(qp, kp, vp, dhp, b, m_row, inv_n, logi, w_state, dc_states,
+                        block_k=block_k, block_v_out=block_v_out, **tiles)
+
+    # Gate gradients: d log i = k . dk, d F = reverse cumsum of (q . dq - k . dk) + Z.
+    qdq, kdk = jnp.sum(qdq, axis=2), jnp.sum(kdk, axis=2)                # (B, H, T)
+    z = (jnp.sum(dc_Tp * c_states[:, :, NC], axis=(-2, -1))
+         + jnp.sum(dn_Tp * n_states[:, :, NC], axis=-1))                  # (B, H)
+    dF = lax.cumsum(qdq - kdk, axis=2, reverse=True) + z[..., None]
+    df = dF * jax.nn.sigmoid(-_rows(f))
+    di = kdk if exp_gate else kdk * jax.nn.sigmoid(-_rows(i))
+
+    dc0 = dc_states[:, :, 0, :K, :V]
+    dn0 = dn_states[:, :, 0, :K]
+    if exp_gate:
+        dm0 = jnp.sum(dc0 * c0, axis=(-2, -1)) + jnp.sum(dn0 * n0, axis=-1)
+    else:
+        dm0 = jnp.zeros((B, H), _F32)
+    return (dq[..., :K], dk[..., :K], dv[..., :V],
+            jnp.swapaxes(di, 1, 2).astype(i.dtype), jnp.swapaxes(df, 1, 2).astype(f.dtype),
+            dc0, dn0, dm0)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-jnp forward with the residuals the backward consumes (tests, checks, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+def mlstm_fwd_reference(q, k, v, i, f, c0, n0, m0, *, input_gate="exp", normalize=True,
+                        scale=None, eps=1e-6, chunk_size=64):
+    """The chunkwise forward (design §3) in plain jnp, float32 math.
+
+    Same layout as `mlstm_bwd`; T a multiple of chunk_size. Returns (h, (c_T, n_T, m_T),
+    (den, m_row), (C, n, m)) with den/m_row (B, H, T) and the chunk-boundary states
+    C (B,H,NC+1,K,V), n (B,H,NC+1,K), m (B,H,NC+1), index 0 = initial state.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    L = chunk_size
+    NC = T // L
+    scale = K ** -0.5 if scale is None else scale
+    exp_gate = input_gate == "exp"
+    c0 = jnp.zeros((B, H, K, V), _F32) if c0 is None else c0.astype(_F32)
+    n0 = jnp.zeros((B, H, K), _F32) if n0 is None else n0.astype(_F32)
+    m0 = jnp.zeros((B, H), _F32) if (m0 is None or not exp_gate) else m0.astype(_F32)
+    logi, b, a, g, a_max = chunk_gate_terms(i, f, input_gate, L)
+    m_states = chunk_stabilisers(g, a_max, m0, input_gate)
+    m_prev, m_next = m_states[..., :-1], m_states[..., 1:]
+
+    def to_chunks(x):  # (B, T, H, D) -> (B, H, NC, L, D) float32
+        return jnp.moveaxis(x.astype(_F32).reshape(B, NC, L, H, x.shape[-1]), 3, 1)
+
+    qc, kc, vc = to_chunks(q) * scale, to_chunks(k), to_chunks(v)
+    b4, a4, logi4 = (x.reshape(B, H, NC, L) for x in (b, a, logi))
+    w = jnp.exp(a4 - m_next[..., None])
+    kw = kc * w[..., None]
+    c_chunk = jnp.einsum("bhclk,bhclv->bhckv", kw, vc, precision="highest")
+    n_chunk = jnp.sum(kw, axis=-2)
+    decay = jnp.exp(g + m_prev - m_next)
+
+    def combine(state, x):
+        c, n = state
+        d, ck, nk = x
+        c = d[..., None, None] * c + ck
+        n = d[..., None] * n + nk
+        return (c, n), (c, n)
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (decay, c_chunk, n_chunk))
+    _, (cs, ns) = lax.scan(combine, (c0, n0), xs)
+    c_all = jnp.concatenate([c0[:, :, None], jnp.moveaxis(cs, 0, 2)], axis=2)
+    n_all = jnp.concatenate([n0[:, :, None], jnp.moveaxis(ns, 0, 2)], axis=2)
+
+    causal = jnp.tril(jnp.ones((L, L), bool))
+    log_d = b4[..., :, None] - b4[..., None, :] + logi4[..., None, :]
+    log_d = jnp.where(causal, log_d, -jnp.inf)
+    log_inter = b4 + m_prev[..., None]
+    if exp_gate:
+        m = jnp.maximum(log_inter, jnp.max(log_d, axis=-1))
+    else:
+        m = jnp.zeros_like(log_inter)
+    s = jnp.einsum("bhctk,bhcsk->bhcts", qc, kc, precision="highest") * jnp.exp(log_d - m[..., None])
+    w_inter = jnp.exp(log_inter - m)
+    num = (w_inter[..., None] * jnp.einsum("bhctk,bhckv->bhctv", qc, c_all[:, :, :-1],
+                                           precision="highest")
+           + jnp.einsum("bhcts,bhcsv->bhctv", s, vc, precision="highest"))
+    den = w_inter * jnp.einsum("bhctk,bhck->bhct", qc, n_all[:, :, :-1],
+                               precision="highest") + jnp.sum(s, axis=-1)
+    if normalize:
+        floor = jnp.exp(-m) if exp_gate else jnp.ones_like(m)
+        h = num / (jnp.maximum(jnp.abs(den), floor) + eps)[..., None]
+    else:
+        h = num
+    h = jnp.moveaxis(h, 1, 3).reshape(B, T, H, V).astype(v.dtype)
+    final = (c_all[:, :, -1], n_all[:, :, -1], m_states[..., -1])
+    return (h, final, (den.reshape(B, H, T), m.reshape(B, H, T)),
+            (c_all, n_all, m_states))
