@@ -147,11 +147,12 @@ def _tile_pairs(L, bq, bkv):
 
 
 def kernel_costs(B, T, H, K, V, L, itemsize=2, bq=64, bkv=64, bko=None, bvo=256):
+    """{kernel: (executed FLOP, fewest HBM bytes)}; states stored in bf16 for bf16 inputs."""
     bko = bko or K
     bvo = min(bvo, V)
     N, NC, BH = B * T * H, T // L, B * H
     pairs = BH * NC * _tile_pairs(L, bq, bkv)
-    state_bytes = BH * (NC + 1) * K * V * 4
+    state_bytes = BH * (NC + 1) * K * V * (2 if itemsize == 2 else 4)
     qk, vv = N * K * itemsize, N * V * itemsize
     return {
         "chunk_states": (2 * N * K * V, qk + vv + state_bytes),
@@ -185,7 +186,7 @@ def section_full(chunks, gates):
                     fwd = jax.jit(forward_fn(gate, normalize, L, keep))
                     h, _, (den, m_row), states = fwd(q, k, v, i, f, c0, n0, m0)
                     t_fwd = bench(fwd, q, k, v, i, f, c0, n0, m0)
-                    cfg = BwdTilingConfig.get_default(L, K, V, DTYPE)
+                    cfg = bwd_config(L)
                     run = jax.jit(lambda *a, states=None: mlstm_bwd(
                         *a, input_gate=gate, normalize=normalize, config=cfg, states=states,
                         interpret=INTERPRET))
@@ -215,7 +216,7 @@ def _kernel_inputs(L):
     logi, m_row = rows(1, -1.0, 0.0), rows(2, 0.0, 1.0)
     inv_n, dden, w = rows(3, 0.5, 1.0), rows(4, -0.1, 0.1), rows(5, 0.1, 1.0)
     decay = jax.random.uniform(rk[6], (B, H, NC), jnp.float32, 0.5, 1.0)
-    cs = jax.random.normal(rk[7], (B, H, NC + 1, K, V), jnp.float32) * 0.01
+    cs = (jax.random.normal(rk[7], (B, H, NC + 1, K, V), jnp.float32) * 0.01).astype(DTYPE)
     ns = jnp.zeros((B, H, NC + 1, K), jnp.float32) + 0.01
     c0 = jnp.zeros((B, H, K, V), jnp.float32)
     n0 = jnp.zeros((B, H, K), jnp.float32)
@@ -229,9 +230,10 @@ def section_kernels(L, variants):
     x = _kernel_inputs(L)
     scale = K ** -0.5
     out = {}
-    if INTERPRET:  # dry run at toy shapes: one small variant per kernel
-        variants = {"state": [(16, 32, 4, 2)], "dqdk": [(32, 16, 32, 16, 4, 2)],
-                    "dv": [(16, 32, 16, 32, 4, 2)]}
+    if INTERPRET:  # dry run at toy shapes: small variants
+        variants = {"state": [(16, 32, 16, 4, 2), (32, 32, 32, 4, 2)],
+                    "dqdk": [(32, 16, 32, 16, 4, 2), (32, 32, 32, 32, 4, 2)],
+                    "dv": [(16, 32, 16, 32, 4, 2), (32, 32, 32, 32, 4, 2)]}
 
     def run(kernel, label, fn, flops, nbytes):
         try:
@@ -243,15 +245,15 @@ def section_kernels(L, variants):
             out[f"{kernel}/{label}"] = dict(error=repr(e)[:500])
             log(f"  {kernel} {label}: FAILED {e!r}"[:600])
 
-    for bk, bv, nw, ns in variants["state"]:
-        label = f"bk{bk} bv{bv} w{nw} s{ns}"
+    for bk, bv, bt, nw, ns in variants["state"]:
+        label = f"bk{bk} bv{bv} bt{bt} w{nw} s{ns}"
         fl, nb = kernel_costs(B, T, H, K, V, L)["chunk_states"]
+        tiles = dict(chunk=L, block_k=bk, block_v=bv, block_t=bt, num_warps=nw, num_stages=ns,
+                     interpret=INTERPRET)
         run("chunk_states", label, lambda x: bwd.chunk_states(
-            x["k"], x["v"], x["w"], x["decay"], x["c0"], x["n0"], chunk=L, block_k=bk,
-            block_v=bv, num_warps=nw, num_stages=ns, interpret=INTERPRET), fl, nb)
+            x["k"], x["v"], x["w"], x["decay"], x["c0"], x["n0"], **tiles), fl, nb)
         run("state_grads", label, lambda x: bwd.state_grads(
-            x["q"], x["dh"], x["w"], x["dden"], x["decay"], x["c0"], x["n0"], chunk=L,
-            block_k=bk, block_v=bv, num_warps=nw, num_stages=ns, interpret=INTERPRET), fl, nb)
+            x["q"], x["dh"], x["w"], x["dden"], x["decay"], x["c0"], x["n0"], **tiles), fl, nb)
     for bq, bkv, bv, bko, nw, ns in variants["dqdk"]:
         label = f"bq{bq} bkv{bkv} bv{bv} bko{bko} w{nw} s{ns}"
         fl, nb = kernel_costs(B, T, H, K, V, L, bq=bq, bkv=bkv, bko=bko)["dq"]
@@ -271,20 +273,70 @@ def section_kernels(L, variants):
             x["cs"], chunk=L, block_q=bq, block_kv=bkv, block_k=bk, block_v_out=bvo,
             scale=scale, num_warps=nw, num_stages=ns, interpret=INTERPRET), fl, nb)
     RESULTS.setdefault("kernels", {})[f"L{L}"] = out
+    tune(out, variants)
+
+
+def tune(out, variants):
+    """The fastest measured variant of each kernel family, as a BwdTilingConfig (TUNED)."""
+    global TUNED
+
+    def best(family, kernels, fmt):
+        times = {}
+        for vs in variants[family]:
+            label = fmt(*vs)
+            ts = [out.get(f"{kn}/{label}", {}).get("ms") for kn in kernels]
+            if all(t is not None for t in ts):
+                times[vs] = sum(ts)
+        return min(times, key=times.get) if times else None
+
+    st = best("state", ("chunk_states", "state_grads"), lambda bk, bv, bt, nw, ns:
+              f"bk{bk} bv{bv} bt{bt} w{nw} s{ns}")
+    qk = best("dqdk", ("dq", "dk"), lambda bq, bkv, bv, bko, nw, ns:
+              f"bq{bq} bkv{bkv} bv{bv} bko{bko} w{nw} s{ns}")
+    dv = best("dv", ("dv",), lambda bq, bkv, bk, bvo, nw, ns:
+              f"bq{bq} bkv{bkv} bk{bk} bvo{bvo} w{nw} s{ns}")
+    cfg = BwdTilingConfig.get_default(256, SHAPE["K"], SHAPE["V"], DTYPE)
+    if st:
+        cfg = dataclasses.replace(cfg, block_k_state=st[0], block_v_state=st[1],
+                                  block_t_state=st[2], num_warps_state=st[3],
+                                  num_stages_state=st[4])
+    if qk:
+        cfg = dataclasses.replace(cfg, block_q=qk[0], block_kv=qk[1], block_v=qk[2],
+                                  block_k_out=qk[3], num_warps=qk[4], num_stages=qk[5])
+    if dv:
+        cfg = dataclasses.replace(cfg, block_q_dv=dv[0], block_kv_dv=dv[1], block_k=dv[2],
+                                  block_v_out=dv[3], num_warps_dv=dv[4], num_stages_dv=dv[5])
+    TUNED = cfg
+    RESULTS["tuned_config"] = dataclasses.asdict(cfg)
+    log(f"  tuned: {cfg}")
+
+
+TUNED = None
+
+
+def bwd_config(L):
+    """The tuned tiling (if the kernels section ran) at chunk L, else the default."""
+    K, V = SHAPE["K"], SHAPE["V"]
+    if TUNED is None:
+        return BwdTilingConfig.get_default(L, K, V, DTYPE)
+    return dataclasses.replace(TUNED, chunk_size=L)
 
 
 KERNEL_VARIANTS = {
-    "state": [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
-    "dqdk": [(64, 64, 64, 256, 8, 2), (64, 64, 128, 256, 8, 2), (64, 64, 64, 256, 4, 2),
-             (64, 64, 64, 256, 8, 3), (32, 64, 64, 256, 4, 2), (64, 32, 64, 256, 8, 2),
-             (64, 64, 64, 128, 8, 2), (128, 64, 64, 128, 8, 2)],
-    "dv": [(64, 64, 64, 256, 8, 2), (64, 64, 128, 256, 8, 2), (64, 64, 64, 128, 4, 2),
-           (64, 64, 64, 512, 8, 2), (64, 32, 64, 512, 8, 2), (64, 64, 64, 256, 8, 3),
-           (64, 128, 64, 128, 8, 2)],
+    # (block_k, block_v, block_t, num_warps, num_stages) of the two sequential state kernels
+    "state": [(64, 64, 64, 4, 2), (64, 64, 64, 4, 3), (128, 128, 64, 8, 2), (128, 128, 64, 8, 3),
+              (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (256, 64, 64, 8, 2),
+              (128, 128, 128, 8, 2)],
+    # (block_q, block_kv, block_v, block_k_out, num_warps, num_stages) of dq and dk
+    "dqdk": [(64, 64, 64, 256, 8, 3), (64, 64, 128, 256, 8, 3), (64, 64, 64, 256, 8, 4),
+             (64, 64, 32, 256, 8, 3), (64, 64, 128, 256, 8, 2), (64, 32, 64, 256, 8, 3)],
+    # (block_q, block_kv, block_k, block_v_out, num_warps, num_stages) of dv
+    "dv": [(64, 64, 128, 256, 8, 2), (64, 64, 128, 256, 8, 3), (64, 64, 256, 256, 8, 2),
+           (64, 64, 64, 256, 8, 3), (64, 64, 128, 128, 4, 3), (32, 64, 128, 256, 8, 3)],
 }
 
 
-def section_fwdbwd(chunks, gates, keep=(False,)):
+def section_fwdbwd(chunks, gates, keep=(False, True)):
     """Forward + backward (jax.vjp of the custom_vjp op) time and compiled peak memory."""
     B, T, H, K, V = SHAPE.values()
     q, k, v, i, f = random_inputs(2, B, T, H, K, V)
@@ -293,11 +345,10 @@ def section_fwdbwd(chunks, gates, keep=(False,)):
     out = {}
     for gate, normalize in gates:
         for L in chunks:
-            for kept in keep:
+            for kept in (keep if L == max(chunks) else (False,)):
                 name = f"{gate}{'' if normalize else '-nonorm'}-L{L}{'-kept' if kept else ''}"
                 try:
-                    op = make_op(gate, normalize, L, BwdTilingConfig.get_default(L, K, V, DTYPE),
-                                 keep_states=kept)
+                    op = make_op(gate, normalize, L, bwd_config(L), keep_states=kept)
 
                     def step(q, k, v, i, f, dh):
                         (h, c_t, n_t), vjp = jax.vjp(op, q, k, v, i, f, c0, n0, m0)
@@ -388,15 +439,15 @@ def main(argv=None):
         fl = sum(c[0] for c in costs.values())
         log(f"  L{L}: executed backward FLOP {fl / 1e12:.2f} T; fewest bytes per kernel (GB) "
             + ", ".join(f"{n} {c[1] / 1e9:.2f}" for n, c in costs.items()))
-    if "full" in sections:
-        log("== backward alone")
-        section_full(chunks, gates)
-        write(a.out)
     if "kernels" in sections:
         for L in [int(c) for c in a.kernel_chunks.split(",")]:
             log(f"== kernels alone, L{L}")
             section_kernels(L, KERNEL_VARIANTS)
             write(a.out)
+    if "full" in sections:
+        log("== backward alone")
+        section_full(chunks, gates)
+        write(a.out)
     if "fwdbwd" in sections:
         log("== forward + backward")
         section_fwdbwd(chunks, gates)

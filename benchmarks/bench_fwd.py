@@ -123,9 +123,11 @@ def run_bench(args, peaks, results):
             chunks += [64, 128, 256, 512, 1024]
         for gate in ("exp", "sigmoid"):
             for L in chunks:
-                cfg = TilingConfig.default(K, V, T, dtype, gate)
-                if L is not None:
-                    cfg = cfg.with_chunk_size(L)
+                cfg = TilingConfig.default(K, V, T, dtype, gate, chunk_size=L)
+                if args.override:
+                    cfg = dataclasses.replace(cfg, **args.override)
+                    cfg = cfg.with_chunk_size(L or min(cfg.chunk_size, T))
+                cfg = cfg.resolve(K, V)
                 name = "ours" if L is None else "ours-chunk"
                 fn = jax.jit(ours_fn(gate, cfg, args.interpret))
                 try:
@@ -168,14 +170,12 @@ def run_bench(args, peaks, results):
 # Tuning: each kernel alone at the 7B head shape.
 # ----------------------------------------------------------------------------------------------
 STATES_SWEEP = [  # (states_block_k, states_block_v, states_block_kv, warps, stages)
-    (64, 64, 64, 4, 2), (64, 64, 128, 4, 3), (128, 64, 64, 4, 2), (64, 128, 64, 4, 2),
-    (128, 128, 64, 8, 2), (128, 128, 128, 8, 3), (64, 64, 64, 4, 4), (32, 64, 128, 4, 3),
+    (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (32, 128, 64, 4, 3),
 ]
-OUTPUT_SWEEP = [  # (block_q, block_kv, block_k, block_v, warps, stages)
-    (64, 64, 256, 128, 8, 2), (64, 64, 256, 128, 4, 2), (64, 64, 256, 256, 8, 2),
-    (128, 64, 256, 128, 8, 2), (64, 64, 64, 128, 4, 3), (64, 64, 128, 256, 8, 3),
-    (64, 32, 256, 256, 8, 2), (128, 128, 128, 128, 8, 2), (64, 128, 256, 128, 8, 2),
-    (128, 64, 64, 128, 8, 3), (64, 64, 256, 512, 8, 2), (32, 64, 256, 256, 4, 2),
+OUTPUT_SWEEP = [  # (block_q, block_kv, block_k, block_v, warps, stages, split diagonal loop)
+    (128, 64, 64, 128, 8, 3, False), (128, 64, 32, 128, 8, 3, False),
+    (128, 64, 64, 128, 8, 4, False), (128, 32, 64, 128, 8, 4, False),
+    (128, 64, 64, 128, 4, 3, False),
 ]
 
 
@@ -192,7 +192,7 @@ def run_tune(args, peaks, results):
             gts = [prep(s[3], s[4]) for s in sets]
             t_prep = bench(prep, [(s[3], s[4]) for s in sets])
             zeros = (jnp.zeros((B, H, K, V)), jnp.zeros((B, H, K)), jnp.zeros((B, H)))
-            st_args = [(s[1], s[2], g[1], g[3], *zeros) for s, g in zip(sets, gts)]
+            st_args = [(s[1], s[2], g[1], g[3], g[4], *zeros) for s, g in zip(sets, gts)]
             best_states = (None, 1e9)
             for sbk, sbv, sbkv, w, st in STATES_SWEEP:
                 cfg = dataclasses.replace(cfg0, states_block_k=sbk, states_block_v=sbv,
@@ -215,7 +215,7 @@ def run_tune(args, peaks, results):
             states = [jax.jit(lambda *a: pfwd.chunk_states(*a, config=cfg0, exp_gate=exp_gate,
                                                            **interp))(*x) for x in st_args]
             out_args = [(s[0], s[1], s[2], g[0], g[2], *st) for s, g, st in zip(sets, gts, states)]
-            for bq, bkv, bk, bv, w, stg in OUTPUT_SWEEP:
+            for bq, bkv, bk, bv, w, stg, split in OUTPUT_SWEEP:
                 if bq > L or bkv > L:
                     continue
                 cfg = dataclasses.replace(cfg0, block_q=bq, block_kv=bkv, block_k=bk, block_v=bv,
@@ -223,20 +223,46 @@ def run_tune(args, peaks, results):
                 fn = jax.jit(lambda *a, cfg=cfg: pfwd.chunk_output(
                     *a, config=cfg, exp_gate=exp_gate, normalize=True, scale=K ** -0.5, eps=1e-6,
                     **interp))
+                pfwd.SPLIT_DIAGONAL_LOOP = split  # read when fn is traced (first call in bench)
                 try:
                     t = bench(fn, out_args, reps=10, warmup=2)
                 except Exception as e:  # noqa: BLE001
                     print(f"FAILED output {gate} L={L} {(bq, bkv, bk, bv, w, stg)}: {e!s:.200}")
                     continue
+                finally:
+                    pfwd.SPLIT_DIAGONAL_LOOP = False
                 flop = B * H * T * (L * (K + V) + 2 * K * V)
                 byts = B * H * (T * (2 * K + 2 * V) * 2 + (T // L) * 4 * K * V)
-                r = dict(kernel="chunk_output", gate=gate, chunk=L, tiling=[bq, bkv, bk, bv, w, stg],
+                r = dict(kernel="chunk_output", gate=gate, chunk=L,
+                         tiling=[bq, bkv, bk, bv, w, stg, split],
                          ms=t * 1e3, tflops=flop / t / 1e12, gbytes=byts / 1e9)
                 print(json.dumps(r), flush=True)
                 results.append(r)
             results.append(dict(kernel="gate_prep", gate=gate, chunk=L, ms=t_prep * 1e3))
             print(json.dumps(results[-1]), flush=True)
             del states, out_args, st_args, gts
+
+
+def best_from_tune(results):
+    """TilingConfig overrides from the fastest tuned kernels (exp gate), best chunk by total."""
+    best = {}
+    for r in results:
+        if r.get("kernel") in ("chunk_states", "chunk_output"):
+            key = (r["chunk"], r["kernel"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    totals = {L: best[(L, "chunk_states")]["ms"] + best[(L, "chunk_output")]["ms"]
+              for L in {k[0] for k in best}
+              if (L, "chunk_states") in best and (L, "chunk_output") in best}
+    if not totals:
+        return {}
+    L = min(totals, key=totals.get)
+    sbk, sbv, sbkv, sw, sst = best[(L, "chunk_states")]["tiling"]
+    bq, bkv, bk, bv, w, st, split = best[(L, "chunk_output")]["tiling"]
+    pfwd.SPLIT_DIAGONAL_LOOP = bool(split)
+    return dict(chunk_size=L, block_q=bq, block_kv=bkv, block_k=bk, block_v=bv, num_warps=w,
+                num_stages=st, states_block_k=sbk, states_block_v=sbv, states_block_kv=sbkv,
+                states_num_warps=sw, states_num_stages=sst)
 
 
 def plot(results, path):
@@ -282,7 +308,10 @@ def print_table(results):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--mode", choices=("bench", "tune"), default="bench")
+    p.add_argument("--mode", choices=("bench", "tune", "both"), default="bench",
+                   help="both: tune, then bench with the fastest tuned tiling as the default")
+    p.add_argument("--override", type=json.loads, default=None,
+                   help="JSON dict of TilingConfig fields applied on top of the defaults")
     p.add_argument("--Ts", type=int, nargs="+",
                    default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--tokens", type=int, default=65536, help="B*T")
@@ -299,18 +328,32 @@ def main():
           f"{peaks[1] / 1e12:.1f} TB/s", flush=True)
     results = []
     t0 = time.time()
-    try:
-        (run_tune if a.mode == "tune" else run_bench)(a, peaks, results)
-    finally:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"{'tune' if a.mode == 'tune' else 'bench'}_fwd.json"),
-                  "w") as fh:
+    os.makedirs(a.out, exist_ok=True)
+
+    def dump(name, res, **extra):
+        with open(os.path.join(a.out, name), "w") as fh:
             json.dump(dict(device=kind, date=time.strftime("%Y-%m-%d"), jax=jax.__version__,
-                           peaks=peaks, results=results), fh, indent=1)
-        if a.mode == "bench":
+                           peaks=peaks, results=res, **extra), fh, indent=1)
+
+    if a.mode in ("tune", "both"):
+        try:
+            run_tune(a, peaks, results)
+        finally:
+            dump("tune_fwd.json", results)
+        if a.mode == "both":
+            a.override = best_from_tune(results)
+            print("tuned override:", json.dumps(a.override),
+                  "split_diagonal_loop:", pfwd.SPLIT_DIAGONAL_LOOP, flush=True)
+    if a.mode in ("bench", "both"):
+        results = []
+        try:
+            run_bench(a, peaks, results)
+        finally:
+            dump("bench_fwd.json", results, override=a.override,
+                 split_diagonal_loop=pfwd.SPLIT_DIAGONAL_LOOP)
             plot(results, os.path.join(a.out, "bench_fwd.png"))
             print_table(results)
-        print(f"total {time.time() - t0:.0f} s")
+    print(f"total {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -69,8 +69,18 @@ def check_case(key, B, T, H, K, V, dtype, gate, chunk_size, *, extreme=False, co
                err_h=rel_err(h, h_ref), err_c=rel_err(st.c, st_ref.c), err_n=rel_err(st.n, st_ref.n),
                err_m=float(jnp.max(jnp.abs(st.m - st_ref.m))))
     bh, bs = BOUNDS[dtype.name]
-    if extreme:  # only finiteness is promised far out; report the errors anyway
-        bh, bs = 10 * bh, 10 * bs
+    if extreme:
+        # Far-out gates make h ill-conditioned (a few terms dominate den, which can cancel):
+        # measure how far the reference itself moves under input noise of the dtype's rounding
+        # size and allow twice that.
+        eps_in = float(jnp.finfo(dtype).eps)
+        ks = jax.random.split(jax.random.fold_in(key, 1), 3)
+        with jax.default_matmul_precision("highest"):
+            noisy = [x * (1 + eps_in * jax.random.normal(kk, x.shape)) for x, kk in zip(up[:3], ks)]
+            h_noisy, _ = ref.mlstm_chunkwise(*noisy, *up[3:], input_gate=gate,
+                                             initial_state=state, chunk_size=64)
+        res["cond_h"] = rel_err(h_noisy, h_ref)
+        bh = max(bh, 2 * res["cond_h"])
     res["ok"] = bool(finite and res["err_h"] <= bh and res["err_c"] <= bs and res["err_n"] <= bs
                      and res["err_m"] <= 1e-3 * max(1.0, float(jnp.max(jnp.abs(st_ref.m)))))
     return res
@@ -90,6 +100,8 @@ def main():
         dict(B=2, T=1000, H=4, K=128, V=128, dtype="float32", gate="exp", chunk_size=128),
         dict(B=2, T=1000, H=4, K=96, V=192, dtype="float16", gate="sigmoid", chunk_size=64),
         dict(B=1, T=2048, H=4, K=256, V=512, dtype="bfloat16", gate="exp", chunk_size=1024),
+        dict(B=1, T=1024, H=4, K=256, V=512, dtype="float16", gate="exp", chunk_size=256),
+        dict(B=1, T=1024, H=2, K=256, V=512, dtype="float32", gate="sigmoid", chunk_size=256),
         dict(B=2, T=2048, H=4, K=256, V=512, dtype="bfloat16", gate="exp", chunk_size=256,
              extreme=True),
         dict(B=2, T=2048, H=4, K=256, V=512, dtype="bfloat16", gate="sigmoid", chunk_size=256,

@@ -23,6 +23,7 @@ from tfla_jax.hf import hf_param_names, hf_state_dict, load_hf_state_dict
 from tfla_jax.layers import (FeedForward, MultiHeadLayerNorm, RMSNorm, generate, mLSTMBlock,
                              mLSTMLayer, xLSTMConfig, xLSTMLM)
 from tfla_jax.state import MLSTMState
+from tests.utils import assert_close, rel_err
 
 B, T = 2, 13          # odd T: the chunkwise path pads
 # Small caps so that both soft-caps bite (and are therefore tested).
@@ -39,11 +40,6 @@ def forward(model, tokens, state=None):
     return model(tokens, state, return_state=True)
 
 
-def assert_close(actual, expected, rtol=2e-5, atol=2e-5, what=""):
-    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                               rtol=rtol, atol=atol, err_msg=what)
-
-
 def unstabilised(state):
     """(e^m C, e^m n): the state's value independent of the stabiliser m (any leading dims)."""
     e = jnp.exp(state.m)
@@ -52,7 +48,7 @@ def unstabilised(state):
 
 def assert_states_close(a, b, what="state"):
     for x, y, name in zip(unstabilised(a), unstabilised(b), ("C", "n")):
-        assert_close(x, y, rtol=1e-4, atol=1e-4, what=f"{what} {name}")
+        assert_close(x, y, 1e-5, f"{what} {name}")
 
 
 def tokens_for(cfg, shape=(B, T), seed=1):
@@ -257,48 +253,64 @@ def test_init_follows_xlstm_7b_recipe():
 
 
 def test_shapes_and_dtypes_bf16_compute():
+    """bf16 compute, fp32 params: traced abstractly (nnx.eval_shape), nothing compiled."""
     cfg = dataclasses.replace(CFG, dtype=jnp.bfloat16)
     m = xLSTMLM(cfg, rngs=nnx.Rngs(0))
     assert {p.dtype for p in jax.tree.leaves(nnx.state(m, nnx.Param))} == {jnp.dtype(jnp.float32)}
     tok = tokens_for(cfg)
-    logits, state = forward(m, tok)
+    logits, state = nnx.eval_shape(lambda m, t: m(t, return_state=True), m, tok)
     assert logits.shape == (B, T, cfg.vocab_size) and logits.dtype == jnp.float32
-    assert float(jnp.max(jnp.abs(logits))) < cfg.output_logit_soft_cap
     nb, H, K, V = cfg.num_blocks, cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
     assert isinstance(state, MLSTMState)
     assert (state.c.shape, state.n.shape, state.m.shape) == ((nb, B, H, K, V), (nb, B, H, K), (nb, B, H))
     assert {x.dtype for x in state} == {jnp.dtype(jnp.float32)}
-    assert m(tok[:, :3])[1] is None
+    assert nnx.eval_shape(lambda m, t: m(t), m, tok)[1] is None
     init = m.init_state(B)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), init) == jax.tree.map(
         lambda a: (a.shape, a.dtype), state)
+    step_logits, step_state = nnx.eval_shape(lambda m, t, s: m.step(t, s), m, tok[:, 0], init)
+    assert step_logits.shape == (B, cfg.vocab_size) and step_logits.dtype == jnp.float32
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), step_state) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), init)
     x = jnp.ones((B, T, cfg.embedding_dim), jnp.bfloat16)
-    y, s = m.blocks[0](x, return_state=True)
+    assert isinstance(m.blocks[0], mLSTMBlock) and len(m.blocks) == cfg.num_blocks
+    y, s = nnx.eval_shape(lambda b, x: b(x, return_state=True), m.blocks[0], x)
     assert y.shape == x.shape and y.dtype == jnp.bfloat16 and s.c.dtype == jnp.float32
-    assert m.blocks[0].mlstm_layer(x)[0].dtype == jnp.bfloat16
-    assert FeedForward(cfg, rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
+    assert nnx.eval_shape(lambda l, x: l(x)[0], m.blocks[0].mlstm_layer, x).dtype == jnp.bfloat16
+    assert nnx.eval_shape(lambda f, x: f(x), FeedForward(cfg, rngs=nnx.Rngs(0)), x).dtype == jnp.bfloat16
     assert RMSNorm(8, dtype=jnp.bfloat16)(jnp.ones((3, 8))).dtype == jnp.bfloat16
     hn = MultiHeadLayerNorm(2, 4)(jnp.ones((3, 2, 4), jnp.bfloat16))
     assert hn.shape == (3, 8) and hn.dtype == jnp.bfloat16
-    step_logits, step_state = m.step(tok[:, 0], None)
-    assert step_logits.shape == (B, cfg.vocab_size) and step_logits.dtype == jnp.float32
-    assert step_state.c.shape == state.c.shape
     with pytest.raises(ValueError, match="tokens"):
         m(tok.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"state\.c"):
         m(tok, MLSTMState(init.c[:, :1], init.n, init.m))
 
 
+def test_bf16_compute_tracks_float32(tensors):
+    """bf16 activations/matmuls (fp32 gates, norms, state, logits) stay close to the fp32 model."""
+    tok = tokens_for(FAST)
+    want, want_state = forward(model_from_tensors(FAST, tensors), tok)
+    got, got_state = forward(model_from_tensors(dataclasses.replace(FAST, dtype=jnp.bfloat16),
+                                                tensors), tok)
+    assert got.dtype == jnp.float32 and got_state.c.dtype == jnp.float32
+    # Relative error per position. The per-head layer norm is scale invariant, so where a head's h is
+    # tiny (q.k near 0, e.g. at t = 0) bf16 rounding of q, k can flip its sign: allow a few such rows.
+    err = np.array([[rel_err(got[b, t], want[b, t]) for t in range(T)] for b in range(B)])
+    assert np.median(err) < 1e-2 and np.mean(err < 2e-2) >= 0.9, err
+
+
 def test_norms_match_formulas():
     x = jax.random.normal(jax.random.key(0), (3, 5, 2, 8)) * 3 + 1
     rms = RMSNorm(8, eps=1e-6)
     rms.weight[...] = jnp.arange(8.0)
-    assert_close(rms(x), x / np.sqrt((np.asarray(x) ** 2).mean(-1, keepdims=True) + 1e-6) * np.arange(8))
+    want = x / np.sqrt((np.asarray(x) ** 2).mean(-1, keepdims=True) + 1e-6) * np.arange(8)
+    assert_close(rms(x), want, 1e-6, "RMSNorm")
     mh = MultiHeadLayerNorm(2, 8, eps=1e-6)
     mh.weight[...] = jnp.arange(16.0)
     xn = np.asarray(x)
     want = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-6)
-    assert_close(mh(x), want.reshape(3, 5, 16) * np.arange(16), atol=1e-4)
+    assert_close(mh(x), want.reshape(3, 5, 16) * np.arange(16), 1e-6, "MultiHeadLayerNorm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,19 +336,21 @@ def test_mlstm_layer_equals_reference_formula():
     x = jax.random.normal(ks[0], (B, T, CFG.embedding_dim))
     s0 = MLSTMState(jax.random.normal(ks[1], (B, H, K, V)), jax.random.normal(ks[2], (B, H, K)),
                     jax.random.normal(ks[3], (B, H)))
-    kt = lambda lin: lin.kernel[...].T  # noqa: E731  (torch layout (out, in))
-    w = {"q": kt(layer.q), "k": kt(layer.k), "v": kt(layer.v), "ogate": kt(layer.ogate_preact),
-         "igate_w": kt(layer.igate_preact), "igate_b": layer.igate_preact.bias[...],
-         "fgate_w": kt(layer.fgate_preact), "fgate_b": layer.fgate_preact.bias[...],
-         "norm": layer.multihead_norm.weight[...], "out_proj": kt(layer.out_proj)}
-    want, want_state = reference_mlstm_layer(x, w, CFG, initial_state=s0)
-    got, got_state = nnx.jit(lambda m, x, s: m(x, s, return_state=True))(layer, x, s0)
-    assert_close(got, want, rtol=1e-4, atol=1e-4, what="layer output")
+
+    @nnx.jit
+    def run(layer, x, s0):
+        kt = lambda lin: lin.kernel[...].T  # noqa: E731  (torch layout (out, in))
+        w = {"q": kt(layer.q), "k": kt(layer.k), "v": kt(layer.v), "ogate": kt(layer.ogate_preact),
+             "igate_w": kt(layer.igate_preact), "igate_b": layer.igate_preact.bias[...],
+             "fgate_w": kt(layer.fgate_preact), "fgate_b": layer.fgate_preact.bias[...],
+             "norm": layer.multihead_norm.weight[...], "out_proj": kt(layer.out_proj)}
+        return (layer(x, s0, return_state=True), reference_mlstm_layer(x, w, CFG, s0),
+                layer.step(x[:, 0], s0)[0], reference_mlstm_layer(x[:, :1], w, CFG, s0)[0][:, 0])
+
+    (got, got_state), (want, want_state), got_step, want_step = run(layer, x, s0)
+    assert_close(got, want, 1e-5, "layer output")
     assert_states_close(got_state, want_state)   # the stabiliser m itself may differ
-    # The decode step is the same layer at T = 1.
-    y1, _ = layer.step(x[:, 0], s0)
-    assert_close(y1, reference_mlstm_layer(x[:, :1], w, CFG, initial_state=s0)[0][:, 0],
-                 rtol=1e-4, atol=1e-4, what="layer step")
+    assert_close(got_step, want_step, 1e-5, "layer step (T = 1)")
 
 
 @pytest.mark.parametrize("scan_blocks", [False, True], ids=["list", "scan"])
@@ -352,7 +366,7 @@ def test_hf_checkpoint_round_trip_matches_reference(tmp_path, tensors, scan_bloc
     tok = tokens_for(CFG)
     want, _ = reference_lm_logits(tensors, CFG, tok)
     got, _ = forward(model, tok)
-    assert_close(got, want, rtol=1e-4, atol=1e-4, what="logits vs the HF-layout reference")
+    assert_close(got, want, 1e-5, "logits vs the HF-layout reference")
 
 
 def test_hf_checkpoint_bad_keys_are_named(tmp_path, tensors):
@@ -384,7 +398,7 @@ def test_model_chunkwise_equals_other_paths(tensors, impl):
     chunk = model_from_tensors(CFG, tensors)
     other = model_from_tensors(dataclasses.replace(CFG, mlstm_implementation=impl), tensors)
     (lc, sc), (lo, so) = forward(chunk, tok), forward(other, tok)
-    assert_close(lc, lo, rtol=1e-4, atol=1e-4, what=f"logits chunkwise vs {impl}")
+    assert_close(lc, lo, 1e-5, f"logits chunkwise vs {impl}")
     assert_states_close(sc, so)
 
 
@@ -394,43 +408,41 @@ def test_model_chunkwise_equals_other_paths(tensors, impl):
 
 
 def loss_fn(model, tok):
-    logits, _ = model(tok[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean()
+    logits, state = model(tok[:, :-1], return_state=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tok[:, 1:]).mean(), (logits, state)
 
 
 @nnx.jit
 def loss_and_grads(model, tok):
-    return nnx.value_and_grad(loss_fn)(model, tok)
+    return nnx.value_and_grad(loss_fn, has_aux=True)(model, tok)
 
 
 def grads_in_hf_naming(model, tok):
-    loss, grads = loss_and_grads(model, tok)
+    """((loss, (logits, state)), gradients as a dict in HF naming)."""
+    out, grads = loss_and_grads(model, tok)
     holder = nnx.clone(model)
     nnx.update(holder, grads)
-    return loss, hf_state_dict(holder)
+    return out, hf_state_dict(holder)
 
 
 def test_scan_blocks_and_remat_match_block_list(tensors):
-    """Same weights: the nnx.List and the stacked nnx.scan layouts (with and without remat) give
-    the same logits, states and gradients."""
+    """Same weights: the nnx.List layout and the stacked nnx.scan layout with remat give the same
+    logits, states and gradients (scan without remat: the forward tests below)."""
     tok = tokens_for(FAST)
-    base = model_from_tensors(FAST, tensors)
-    l0, s0 = forward(base, tok)
-    loss0, g0 = grads_in_hf_naming(base, tok)
-    for opts in (dict(scan_blocks=True), dict(scan_blocks=True, remat=True)):
+    (loss0, (l0, s0)), g0 = grads_in_hf_naming(model_from_tensors(FAST, tensors), tok)
+    for opts in (dict(scan_blocks=True, remat=True),):
         m = model_from_tensors(dataclasses.replace(FAST, **opts), tensors)
-        l1, s1 = forward(m, tok)
-        assert_close(l1, l0, rtol=1e-5, atol=1e-5, what=f"logits {opts}")
-        jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5, atol=1e-5, what=f"state {opts}"),
+        (loss1, (l1, s1)), g1 = grads_in_hf_naming(m, tok)
+        assert_close(l1, l0, 1e-5, f"logits {opts}")
+        jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, f"state {opts}"),
                      s1, s0)
-        loss1, g1 = grads_in_hf_naming(m, tok)
-        assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+        assert_close(loss1, loss0, 1e-6)
         for name in g0:
-            assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, what=f"grad {name} {opts}")
+            assert_close(g1[name], g0[name], 1e-5, f"grad {name} {opts}")
 
 
-@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(FAST, scan_blocks=True, remat=True)],
-                         ids=["list-chunkwise", "scan-remat-recurrent"])
+@pytest.mark.parametrize("cfg", [FAST, dataclasses.replace(FAST, scan_blocks=True, remat=True)],
+                         ids=["list", "scan-remat"])
 def test_gradients_finite_and_reach_every_parameter(cfg):
     """At the xLSTM 7B init (gate kernels zero, input-gate bias -10) every parameter gets a
     finite, nonzero gradient."""
@@ -442,18 +454,16 @@ def test_gradients_finite_and_reach_every_parameter(cfg):
         assert np.any(g != 0), f"zero gradient for {name}"
 
 
-def test_jit_forward_and_train_step(tensors):
-    model = model_from_tensors(FAST, tensors)
-    tok = tokens_for(FAST)
-    eager, _ = model(tok)
-    jitted, _ = forward(model, tok)
-    assert_close(jitted, eager, rtol=1e-5, atol=1e-5, what="jit vs eager")
-
+def test_jit_train_step_learns(tensors):
+    """The CPU training path (chunkwise cell) as one nnx.jit train step: finite, and it learns.
+    (Every forward above is jitted and compared with the eager reference.)"""
+    model = model_from_tensors(CFG, tensors)
+    tok = tokens_for(CFG)
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, optimizer, tok):
-        loss, grads = nnx.value_and_grad(loss_fn)(model, tok)
+        (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, tok)
         optimizer.update(model, grads)
         return loss
 
@@ -483,12 +493,12 @@ def test_prefill_then_decode_equals_one_forward(tensors, cfg):
     for t in range(prefill_len, prefill_len + steps):
         step_logits, state = decode(model, tok[:, t], state)
         got.append(step_logits)
-    assert_close(jnp.stack(got[:-1], 1), full[:, prefill_len - 1:-1], rtol=1e-4, atol=1e-4,
-                 what="prefill + decode logits vs one forward")
+    assert_close(jnp.stack(got[:-1], 1), full[:, prefill_len - 1:-1], 1e-5,
+                 "prefill + decode logits vs one forward")
     assert_states_close(state, full_state)
     # A second sequence call continuing from the state is the same as well.
     cont, _ = forward(model, tok[:, prefill_len:], forward(model, tok[:, :prefill_len])[1])
-    assert_close(cont, full[:, prefill_len:], rtol=1e-4, atol=1e-4, what="chained sequence calls")
+    assert_close(cont, full[:, prefill_len:], 1e-5, "chained sequence calls")
 
 
 def test_generate_greedy_and_sampling(tensors):

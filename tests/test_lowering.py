@@ -30,9 +30,7 @@ def _sds(shape, dtype):
 def fwd_case(B, T, H, K, V, dtype, gate, chunk_size=None):
     """The forward kernels with the shipped default tiling for (K, V, T, dtype, gate)."""
     def build():
-        cfg = TilingConfig.default(K, V, T, dtype, gate)
-        if chunk_size is not None:
-            cfg = cfg.with_chunk_size(chunk_size)
+        cfg = TilingConfig.default(K, V, T, dtype, gate, chunk_size=chunk_size)
         fn = functools.partial(mlstm_fwd, input_gate=gate, normalize=True, config=cfg,
                                return_states=True)
         args = (_sds((B, T, H, K), dtype), _sds((B, T, H, K), dtype), _sds((B, T, H, V), dtype),
@@ -50,10 +48,12 @@ def _id(B, T, H, K, V, dtype, gate, L):
 _FWD = (
     # xLSTM-7B head shape, both gates, every supported chunk size.
     [(8, 8192, 8, 256, 512, jnp.bfloat16, g, L)
-     for g in ("exp", "sigmoid") for L in (None, 64, 128, 256, 512, 1024)]
+     for g in ("exp", "sigmoid") for L in (None, 16, 32, 64, 128, 256, 512, 1024)]
     # Other head dims and dtypes with their default tiling.
     + [(2, 4096, 4, 64, 64, jnp.bfloat16, "exp", None),
        (2, 2048, 4, 128, 128, jnp.float16, "sigmoid", None),
+       (2, 2048, 4, 256, 512, jnp.float16, "exp", None),
+       (2, 2048, 4, 256, 512, jnp.float32, "exp", None),
        (2, 1024, 4, 96, 192, jnp.bfloat16, "exp", None),
        (1, 512, 2, 512, 512, jnp.bfloat16, "exp", None),
        (2, 256, 2, 64, 128, jnp.float32, "exp", None),

@@ -111,7 +111,8 @@ def _assert_grads(got, want, gate, label):
 
 
 SMALL_TILES = dict(block_q=16, block_kv=32, block_k=16, block_v=16, block_k_out=16,
-                   block_v_out=16, block_k_state=16, block_v_state=16)
+                   block_v_out=16, block_q_dv=32, block_kv_dv=16, block_k_state=16,
+                   block_v_state=16, block_t_state=16)
 
 # (gate, normalize, chunk, T, B, H, K, V, keep_states, tiles); T >= 4 chunks after padding.
 CASES = [

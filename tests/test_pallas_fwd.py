@@ -180,7 +180,7 @@ def test_residuals_and_states():
     """den, m_row and the chunk-boundary states (return_states) of `mlstm_fwd`."""
     B, T, H, K, V, L = 1, 64, 2, 16, 32, 16
     (q, k, v, i, f), state = make_inputs(21, B, T, H, K, V, initial_state=True)
-    cfg = TilingConfig.default(K, V, T, jnp.float32, "exp").with_chunk_size(L)
+    cfg = TilingConfig.default(K, V, T, jnp.float32, "exp", chunk_size=L)
     h, final, res = mlstm_fwd(q, k, v, i, f, *state, input_gate="exp", normalize=True,
                               config=cfg, interpret=True, return_states=True)
     den, m_row, c_st, n_st, m_st = res

@@ -20,6 +20,9 @@ from safetensors import safe_open
 
 from tfla_jax.layers import xLSTMConfig, xLSTMLM
 
+__all__ = ["load_hf_checkpoint", "load_hf_state_dict", "hf_state_dict", "hf_param_names",
+           "BLOCK_PARAMS", "TOP_PARAMS"]
+
 # (HF name under "backbone.blocks.{i}.", attribute path in mLSTMBlock, torch Linear weight?)
 BLOCK_PARAMS = (
     ("norm_mlstm.weight", ("norm_mlstm", "weight"), False),
@@ -93,6 +96,7 @@ def _load(model: xLSTMLM, names, shape_of: Callable[[str], tuple], read: Callabl
     """Checks names and shapes against the model, then assigns every parameter."""
     slots = list(_param_slots(model))
     expected = {name: _hf_shape(var, idx is not None, transpose) for name, var, idx, transpose in slots}
+    linear = {name for name, _, _, transpose in slots if transpose}
     names = set(names)
     missing = [n for n in expected if n not in names]
     if missing:
@@ -108,20 +112,25 @@ def _load(model: xLSTMLM, names, shape_of: Callable[[str], tuple], read: Callabl
         got = tuple(shape_of(name))
         if got != shape:
             raise ValueError(f"checkpoint: key {name!r} has shape {got}, expected {shape}"
-                             f"{' (torch Linear layout (out, in))' if len(shape) == 2 else ''}")
-    stacked: dict[int, list] = {}
+                             f"{' (torch Linear layout (out, in))' if name in linear else ''}")
+    # One variable at a time (a stacked one gathers its num_blocks slices into one buffer), so that
+    # host memory peaks at one parameter, not the whole checkpoint.
+    groups: dict[int, tuple] = {}
     for name, var, idx, transpose in slots:
-        value = np.asarray(read(name))
-        if transpose:
-            value = value.T
-        if idx is None:
-            var.set_value(jnp.asarray(value, dtype=var.dtype))
+        groups.setdefault(id(var), (var, transpose, []))[2].append((name, idx))
+    for var, transpose, entries in groups.values():
+        if entries[0][1] is None:
+            value = np.asarray(read(entries[0][0]))
+            var.set_value(jnp.asarray(value.T if transpose else value, dtype=var.dtype))
             continue
-        parts = stacked.setdefault(id(var), [])
-        parts.append(value)
-        if len(parts) == model.config.num_blocks:   # blocks come in order 0..NB-1
-            var.set_value(jnp.asarray(np.stack(parts), dtype=var.dtype))
-            del stacked[id(var)]
+        buf = None
+        for name, idx in entries:
+            value = np.asarray(read(name))
+            value = value.T if transpose else value
+            if buf is None:
+                buf = np.empty((len(entries),) + value.shape, value.dtype)
+            buf[idx] = value
+        var.set_value(jnp.asarray(buf, dtype=var.dtype))
     return model
 
 

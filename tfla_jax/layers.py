@@ -31,6 +31,9 @@ from jax import lax
 from tfla_jax import ops
 from tfla_jax.state import MLSTMState
 
+__all__ = ["xLSTMConfig", "RMSNorm", "MultiHeadLayerNorm", "mLSTMLayer", "FeedForward", "mLSTMBlock",
+           "xLSTMLM", "generate", "sample_logits", "soft_cap", "small_init_std", "wang_init_std"]
+
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
 
 

@@ -17,9 +17,7 @@ def resolve_config(config, chunk_size, K, V, T, dtype, input_gate) -> TilingConf
         raise ValueError(f"chunk_size: implementation='pallas' needs a chunk size >= {MIN_BLOCK} "
                          f"(Triton dots need every dim >= 16), got {chunk_size}")
     if config is None:
-        config = TilingConfig.default(K, V, T, dtype, input_gate)
-        if chunk_size is not None:
-            config = config.with_chunk_size(chunk_size)
+        config = TilingConfig.default(K, V, T, dtype, input_gate, chunk_size=chunk_size)
     elif not isinstance(config, TilingConfig):
         raise ValueError(f"config: expected a tfla_jax.pallas.TilingConfig or None, "
                          f"got {type(config).__name__}")

@@ -54,51 +54,59 @@ _NN = (((1,), (0,)), ((), ()))   # a @ b
 
 @dataclasses.dataclass(frozen=True)
 class BwdTilingConfig:
-    """Tile sizes of the backward kernels (powers of two; clipped to the padded head dims).
+    """Tile sizes and launch parameters of the backward kernels (hashable: a static argument).
 
-    chunk_size:   L, the chunk length (must match the forward's).
-    block_q:      query rows per tile: the dq output tile, the loop tile of dk/dv.
-    block_kv:     key rows per tile: the dk/dv output tile, the loop tile of dq.
-    block_k:      K tile of the inner loops (S recomputation in dv).
-    block_v:      V tile of the inner loops (dA recomputation in dq/dk, inter terms).
-    block_k_out:  K tile of the dq and dk outputs (None: all of K; no recomputation of dA).
-    block_v_out:  V tile of the dv output (None: all of V; S recomputed once per tile).
-    block_k_state, block_v_state: the (K x V) tile of C/dC owned by one program of the two
-                  sequential chunk-state kernels.
-    num_warps, num_stages: Triton parameters of the dq/dk/dv kernels.
-    num_warps_state, num_stages_state: the same for the two chunk-state kernels.
+    Every block is a power of two >= 16, clipped to the chunk and to the padded head dims.
+    chunk_size:   L, the chunk length (the forward's).
+    dq and dk kernels:
+      block_q, block_kv: query / key rows per tile (dq output tile and loop tile of dk, and the
+                    other way round).
+      block_v:      V tile of their inner loops (dA recomputation, inter-chunk terms).
+      block_k_out:  K tile of the dq / dk outputs (None: all of K, so dA is computed once).
+      num_warps, num_stages: Triton launch parameters.
+    dv kernel:
+      block_k:      K tile of its inner loops (S recomputation, inter-chunk term).
+      block_v_out:  V tile of the dv output (None: all of V; S is recomputed once per tile).
+      block_q_dv, block_kv_dv: query / key rows per tile (None: block_q / block_kv).
+      num_warps_dv, num_stages_dv.
+    sequential chunk-state kernels (states recomputation and the dC, dn recurrence):
+      block_k_state, block_v_state: the (K x V) tile of C / dC owned by one program.
+      block_t_state: rows of a chunk per dot.
+      num_warps_state, num_stages_state.
     """
 
     chunk_size: int = 256
     block_q: int = 64
     block_kv: int = 64
-    block_k: int = 64
     block_v: int = 64
     block_k_out: int | None = None
+    num_warps: int = 8
+    num_stages: int = 3
+    block_k: int = 128
     block_v_out: int | None = 256
+    block_q_dv: int | None = None
+    block_kv_dv: int | None = None
+    num_warps_dv: int = 8
+    num_stages_dv: int = 2
     block_k_state: int = 64
     block_v_state: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    block_t_state: int = 64
     num_warps_state: int = 4
     num_stages_state: int = 2
 
     @classmethod
     def get_default(cls, chunk_size: int = 256, dk: int | None = None, dv: int | None = None,
                     dtype=None) -> "BwdTilingConfig":
-        """Defaults for a chunk size, head dims and input dtype (see benchmarks/NOTES_bwd.md)."""
-        block = min(64, chunk_size)
+        """Defaults for a chunk size, head dims and input dtype (benchmarks/NOTES_bwd.md)."""
         kp = _pow2_at_least_16(dk) if dk else 256
         vp = _pow2_at_least_16(dv) if dv else 512
-        wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
-        # Whole-K dq/dk tiles avoid recomputing dA per K tile; float32 tiles are kept small so
-        # that the pipelined loads fit in shared memory.
-        block_k_out = 64 if wide else None
-        block_v_out = 64 if wide else 256
-        acc_cols = max(min(kp, block_k_out or kp), min(vp, block_v_out))
-        return cls(chunk_size=chunk_size, block_q=block, block_kv=block,
-                   block_k_out=block_k_out, block_v_out=block_v_out,
-                   num_warps=8 if acc_cols >= 128 else 4)
+        if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
+            # float32: smaller tiles so that the pipelined loads fit in shared memory.
+            return cls(chunk_size=chunk_size, block_k_out=64, num_stages=2, block_k=64,
+                       block_v_out=64, num_warps_dv=4, block_t_state=32)
+        small = max(kp, vp) <= 64
+        return cls(chunk_size=chunk_size, num_warps=4 if small else 8,
+                   num_warps_dv=4 if small else 8)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -129,32 +137,38 @@ def _check_tile(name, value, limit):
 # Kernels
 # --------------------------------------------------------------------------------------------
 
-def _chunk_states_kernel(k_ref, v_ref, w_ref, decay_ref, c0_ref, n0_ref, c_ref, n_ref, *,
-                         chunk, num_chunks, precision):
+def _chunk_states_kernel(k_ref, v_ref, w_ref, decay_ref, c0_ref, n0_ref, c_ref, n_ref,
+                         c_last_ref, *, chunk, block_t, num_chunks, precision):
     """C_{c+1} = decay_c C_c + (w k_c)^T v_c over the chunks; one (K x V) tile per program.
 
     k_ref [T, bk], v_ref [T, bv], w_ref [T] (w_state), decay_ref [NC], c0_ref [bk, bv],
-    n0_ref [bk]; out c_ref [NC+1, bk, bv], n_ref [NC+1, bk] (n written by V tile 0 only).
+    n0_ref [bk]; out c_ref [NC+1, bk, bv] (matmul dtype), n_ref [NC+1, bk] (written by V tile 0
+    only), c_last_ref [bk, bv] (the final state in float32).
     """
     first_v_tile = pl.program_id(1) == 0
     c = c0_ref[...].astype(_F32)
     n = n0_ref[...].astype(_F32)
-    c_ref[0] = c
+    c_ref[0] = c.astype(c_ref.dtype)
 
     @pl.when(first_v_tile)
     def _():
         n_ref[0] = n
 
     def body(t, carry):
-        c, n = carry
-        rows = pl.ds(t * chunk, chunk)
-        kk = k_ref[rows, :]
-        kw = kk.astype(_F32) * w_ref[rows][:, None]                      # [L, bk]
         d = decay_ref[t]
-        c = d * c + lax.dot_general(kw.astype(kk.dtype), v_ref[rows, :], _TN,
+        c, n = carry[0] * d, carry[1] * d
+
+        def rows_body(j, carry):
+            c, n = carry
+            rows = pl.ds(pl.multiple_of(t * chunk + j * block_t, block_t), block_t)
+            kk = k_ref[rows, :]
+            kw = kk.astype(_F32) * w_ref[rows][:, None]                  # [bt, bk]
+            c = c + lax.dot_general(kw.astype(kk.dtype), v_ref[rows, :], _TN,
                                     preferred_element_type=_F32, precision=precision)
-        n = d * n + jnp.sum(kw, axis=0)
-        c_ref[t + 1] = c
+            return c, n + jnp.sum(kw, axis=0)
+
+        c, n = lax.fori_loop(0, chunk // block_t, rows_body, (c, n))
+        c_ref[t + 1] = c.astype(c_ref.dtype)
 
         @pl.when(first_v_tile)
         def _():
@@ -162,37 +176,44 @@ def _chunk_states_kernel(k_ref, v_ref, w_ref, decay_ref, c0_ref, n0_ref, c_ref, 
 
         return c, n
 
-    lax.fori_loop(0, num_chunks, body, (c, n))
+    c, _ = lax.fori_loop(0, num_chunks, body, (c, n))
+    c_last_ref[...] = c
 
 
 def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, dct_ref, dnt_ref, dc_ref,
-                        dn_ref, *, chunk, num_chunks, inter_dtype, precision):
+                        dn_ref, dc_first_ref, *, chunk, block_t, num_chunks, inter_dtype,
+                        precision):
     """dC_c = decay_c dC_{c+1} + (wq q_c)^T dh_c, dn_c = decay_c dn_{c+1} + sum wd q_c (reverse).
 
     q_ref [T, bk], dh_ref [T, bv], wq_ref/wd_ref [T] (scale w_inter / (N + eps), scale w_inter
-    dden), decay_ref [NC], dct_ref [bk, bv], dnt_ref [bk]; out dc_ref [NC+1, bk, bv], dn_ref
-    [NC+1, bk] (dn written by V tile 0 only).
+    dden), decay_ref [NC], dct_ref [bk, bv], dnt_ref [bk]; out dc_ref [NC+1, bk, bv] (matmul
+    dtype), dn_ref [NC+1, bk] (written by V tile 0 only), dc_first_ref [bk, bv] (dC_0, float32).
     """
     first_v_tile = pl.program_id(1) == 0
     dc = dct_ref[...].astype(_F32)
     dn = dnt_ref[...].astype(_F32)
-    dc_ref[num_chunks] = dc
+    dc_ref[num_chunks] = dc.astype(dc_ref.dtype)
 
     @pl.when(first_v_tile)
     def _():
         dn_ref[num_chunks] = dn
 
     def body(s, carry):
-        dc, dn = carry
         t = num_chunks - 1 - s
-        rows = pl.ds(t * chunk, chunk)
-        qf = q_ref[rows, :].astype(_F32)
         d = decay_ref[t]
-        dc = d * dc + lax.dot_general((qf * wq_ref[rows][:, None]).astype(inter_dtype),
+        dc, dn = carry[0] * d, carry[1] * d
+
+        def rows_body(j, carry):
+            dc, dn = carry
+            rows = pl.ds(pl.multiple_of(t * chunk + j * block_t, block_t), block_t)
+            qf = q_ref[rows, :].astype(_F32)
+            dc = dc + lax.dot_general((qf * wq_ref[rows][:, None]).astype(inter_dtype),
                                       dh_ref[rows, :].astype(inter_dtype), _TN,
                                       preferred_element_type=_F32, precision=precision)
-        dn = d * dn + jnp.sum(qf * wd_ref[rows][:, None], axis=0)
-        dc_ref[t] = dc
+            return dc, dn + jnp.sum(qf * wd_ref[rows][:, None], axis=0)
+
+        dc, dn = lax.fori_loop(0, chunk // block_t, rows_body, (dc, dn))
+        dc_ref[t] = dc.astype(dc_ref.dtype)
 
         @pl.when(first_v_tile)
         def _():
@@ -200,7 +221,8 @@ def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, dct_ref, dnt_r
 
         return dc, dn
 
-    lax.fori_loop(0, num_chunks, body, (dc, dn))
+    dc, _ = lax.fori_loop(0, num_chunks, body, (dc, dn))
+    dc_first_ref[...] = dc
 
 
 def _decay_matrix(b_q, m_q, b_kv, logi_kv, q_pos, kv_pos):
@@ -236,10 +258,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, bq_ref, mq_ref, invn_ref, dden_ref, 
     dden = dden_ref[...]
 
     def kv_body(s, dq):
-        kv_rows = pl.ds(s * block_kv, block_kv)
+        kv_rows = pl.ds(pl.multiple_of(s * block_kv, block_kv), block_kv)
 
         def v_body(vt, dh_v):
-            cols = pl.ds(vt * block_v, block_v)
+            cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
             return dh_v + lax.dot_general(dh_ref[:, cols], v_ref[kv_rows, cols], _NT,
                                           preferred_element_type=_F32, precision=precision)
 
@@ -257,7 +279,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, bq_ref, mq_ref, invn_ref, dden_ref, 
     w = wi_ref[...]
 
     def inter_body(vt, acc):
-        cols = pl.ds(vt * block_v, block_v)
+        cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
         return acc + lax.dot_general(dh_ref[:, cols].astype(inter_dtype),
                                      c_ref[:, cols].astype(inter_dtype), _NT,
                                      preferred_element_type=_F32, precision=inter_precision)
@@ -287,11 +309,11 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, bkv_ref, logi_ref, ws_ref, bq_ref, m
     logi_kv = logi_ref[...]
 
     def q_body(t, dk):
-        rows = pl.ds(t * block_q, block_q)
+        rows = pl.ds(pl.multiple_of(t * block_q, block_q), block_q)
         inv_n = invn_ref[rows]
 
         def v_body(vt, v_dh):
-            cols = pl.ds(vt * block_v, block_v)
+            cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
             return v_dh + lax.dot_general(v_ref[:, cols], dh_ref[rows, cols], _NT,
                                           preferred_element_type=_F32, precision=precision)
 
@@ -307,7 +329,7 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, bkv_ref, logi_ref, ws_ref, bq_ref, m
 
     # Chunk-state term: w_state (dC_{c+1} v + dn_{c+1}).
     def inter_body(vt, acc):
-        cols = pl.ds(vt * block_v, block_v)
+        cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
         return acc + lax.dot_general(v_ref[:, cols].astype(inter_dtype),
                                      dc_ref[:, cols].astype(inter_dtype), _NT,
                                      preferred_element_type=_F32, precision=inter_precision)
@@ -335,10 +357,10 @@ def _dv_kernel(k_ref, q_ref, dh_ref, bkv_ref, logi_ref, ws_ref, bq_ref, mq_ref, 
     logi_kv = logi_ref[...]
 
     def q_body(t, dv):
-        rows = pl.ds(t * block_q, block_q)
+        rows = pl.ds(pl.multiple_of(t * block_q, block_q), block_q)
 
         def k_body(kt, s_t):
-            cols = pl.ds(kt * block_k, block_k)
+            cols = pl.ds(pl.multiple_of(kt * block_k, block_k), block_k)
             return s_t + lax.dot_general(k_ref[:, cols], q_ref[rows, cols], _NT,
                                          preferred_element_type=_F32, precision=precision)
 
@@ -355,7 +377,7 @@ def _dv_kernel(k_ref, q_ref, dh_ref, bkv_ref, logi_ref, ws_ref, bq_ref, mq_ref, 
 
     # Chunk-state term: w_state dC_{c+1}^T k.
     def inter_body(kt, acc):
-        cols = pl.ds(kt * block_k, block_k)
+        cols = pl.ds(pl.multiple_of(kt * block_k, block_k), block_k)
         return acc + lax.dot_general(k_ref[:, cols].astype(inter_dtype),
                                      dc_ref[cols, :].astype(inter_dtype), _NN,
                                      preferred_element_type=_F32, precision=inter_precision)
@@ -388,14 +410,16 @@ def _inter_kw(dtype):
     return dict(inter_dtype=_inter_dtype(dtype), inter_precision=_precision(dtype))
 
 
-def chunk_states(k, v, w_state, decay, c0, n0, *, chunk, block_k, block_v, num_warps,
+def chunk_states(k, v, w_state, decay, c0, n0, *, chunk, block_k, block_v, block_t, num_warps,
                  num_stages, interpret):
-    """States C (B,H,NC+1,K,V) and n (B,H,NC+1,K) at every chunk boundary, float32."""
+    """States at every chunk boundary: C (B,H,NC+1,K,V) in the matmul dtype (bf16 for bf16
+    inputs, else float32), n (B,H,NC+1,K) float32, and the final C_NC (B,H,K,V) in float32."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NC = T // chunk
-    kernel = functools.partial(_chunk_states_kernel, chunk=chunk, num_chunks=NC,
-                               precision=_precision(k.dtype))
+    kernel = functools.partial(_chunk_states_kernel, chunk=chunk, block_t=block_t,
+                               num_chunks=NC, precision=_precision(k.dtype))
+    tile = pl.BlockSpec((None, None, block_k, block_v), lambda kt, vt, b, h: (b, h, kt, vt))
     return pl.pallas_call(
         kernel,
         grid=(K // block_k, V // block_v, B, H),
@@ -404,30 +428,35 @@ def chunk_states(k, v, w_state, decay, c0, n0, *, chunk, block_k, block_v, num_w
             pl.BlockSpec((None, T, None, block_v), lambda kt, vt, b, h: (b, 0, h, vt)),
             pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
             pl.BlockSpec((None, None, NC), lambda kt, vt, b, h: (b, h, 0)),
-            pl.BlockSpec((None, None, block_k, block_v), lambda kt, vt, b, h: (b, h, kt, vt)),
+            tile,
             pl.BlockSpec((None, None, block_k), lambda kt, vt, b, h: (b, h, kt)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, NC + 1, block_k, block_v),
                          lambda kt, vt, b, h: (b, h, 0, kt, vt)),
             pl.BlockSpec((None, None, NC + 1, block_k), lambda kt, vt, b, h: (b, h, 0, kt)),
+            tile,
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _F32),
-                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _inter_dtype(k.dtype)),
+                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32),
+                   jax.ShapeDtypeStruct((B, H, K, V), _F32)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_chunk_states",
     )(k, v, w_state, decay, c0, n0)
 
 
-def state_grads(q, dh, wq, wd, decay, dc_t, dn_t, *, chunk, block_k, block_v, num_warps,
-                num_stages, interpret):
-    """Cotangents dC (B,H,NC+1,K,V) and dn (B,H,NC+1,K) of every chunk-boundary state, float32."""
+def state_grads(q, dh, wq, wd, decay, dc_t, dn_t, *, chunk, block_k, block_v, block_t,
+                num_warps, num_stages, interpret):
+    """Cotangents of every chunk-boundary state: dC (B,H,NC+1,K,V) in the matmul dtype,
+    dn (B,H,NC+1,K) float32, and dC_0 (B,H,K,V) in float32."""
     B, T, H, K = q.shape
     V = dh.shape[-1]
     NC = T // chunk
-    kernel = functools.partial(_state_grads_kernel, chunk=chunk, num_chunks=NC,
-                               inter_dtype=_inter_dtype(q.dtype), precision=_precision(q.dtype))
+    kernel = functools.partial(_state_grads_kernel, chunk=chunk, block_t=block_t,
+                               num_chunks=NC, inter_dtype=_inter_dtype(q.dtype),
+                               precision=_precision(q.dtype))
+    tile = pl.BlockSpec((None, None, block_k, block_v), lambda kt, vt, b, h: (b, h, kt, vt))
     return pl.pallas_call(
         kernel,
         grid=(K // block_k, V // block_v, B, H),
@@ -437,16 +466,18 @@ def state_grads(q, dh, wq, wd, decay, dc_t, dn_t, *, chunk, block_k, block_v, nu
             pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
             pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
             pl.BlockSpec((None, None, NC), lambda kt, vt, b, h: (b, h, 0)),
-            pl.BlockSpec((None, None, block_k, block_v), lambda kt, vt, b, h: (b, h, kt, vt)),
+            tile,
             pl.BlockSpec((None, None, block_k), lambda kt, vt, b, h: (b, h, kt)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, NC + 1, block_k, block_v),
                          lambda kt, vt, b, h: (b, h, 0, kt, vt)),
             pl.BlockSpec((None, None, NC + 1, block_k), lambda kt, vt, b, h: (b, h, 0, kt)),
+            tile,
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _F32),
-                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _inter_dtype(q.dtype)),
+                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32),
+                   jax.ShapeDtypeStruct((B, H, K, V), _F32)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_state_grads",
@@ -653,12 +684,17 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input
     Kp, Vp = _pow2_at_least_16(K), _pow2_at_least_16(V)
     block_q = _check_tile("block_q", cfg.block_q, L)
     block_kv = _check_tile("block_kv", cfg.block_kv, L)
-    block_k = _check_tile("block_k", cfg.block_k, Kp)
     block_v = _check_tile("block_v", cfg.block_v, Vp)
     block_k_out = _check_tile("block_k_out", cfg.block_k_out or Kp, Kp)
+    block_k = _check_tile("block_k", cfg.block_k, Kp)
     block_v_out = _check_tile("block_v_out", cfg.block_v_out or Vp, Vp)
-    block_k_state = _check_tile("block_k_state", cfg.block_k_state, Kp)
-    block_v_state = _check_tile("block_v_state", cfg.block_v_state, Vp)
+    block_q_dv = _check_tile("block_q_dv", cfg.block_q_dv or block_q, L)
+    block_kv_dv = _check_tile("block_kv_dv", cfg.block_kv_dv or block_kv, L)
+    state_tiles = dict(
+        block_k=_check_tile("block_k_state", cfg.block_k_state, Kp),
+        block_v=_check_tile("block_v_state", cfg.block_v_state, Vp),
+        block_t=_check_tile("block_t_state", cfg.block_t_state, L),
+        num_warps=cfg.num_warps_state, num_stages=cfg.num_stages_state, interpret=interpret)
     NC = T // L
     scale = K ** -0.5 if scale is None else float(scale)
     exp_gate = input_gate == "exp"
@@ -702,39 +738,45 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input
         dden = jnp.zeros((B, H, T), _F32)
 
     # Chunk-boundary states.
+    # (Recomputed states are stored in the matmul dtype: they only feed dots, which round
+    # them to it anyway; the final state, for Z, comes back in float32.)
     if states is None:
-        c_states, n_states = chunk_states(
+        c_states, n_states, c_final = chunk_states(
             kp, vp, w_state, decay, _pad_last2(c0, Kp, Vp), _pad_last(n0, Kp), chunk=L,
-            block_k=block_k_state, block_v=block_v_state, num_warps=cfg.num_warps_state,
-            num_stages=cfg.num_stages_state, interpret=interpret)
+            **state_tiles)
     else:
         c_states = _pad_last2(states[0].astype(_F32), Kp, Vp)
         n_states = _pad_last(states[1].astype(_F32), Kp)
+        c_final = c_states[:, :, NC]
 
     # Reverse recurrence for the state cotangents.
-    dc_states, dn_states = state_grads(
+    dc_states, dn_states, dc_first = state_grads(
         qp, dhp, scale * w_inter * inv_n, scale * w_inter * dden, decay, dc_Tp, dn_Tp, chunk=L,
-        block_k=block_k_state, block_v=block_v_state, num_warps=cfg.num_warps_state,
-        num_stages=cfg.num_stages_state, interpret=interpret)
+        **state_tiles)
 
-    tiles = dict(chunk=L, block_q=block_q, block_kv=block_kv, scale=scale,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
+    common = dict(chunk=L, scale=scale, interpret=interpret)
     dq, qdq = intra_chunk_dq(qp, kp, vp, dhp, b, m_row, inv_n, dden, w_inter, logi, c_states,
-                             n_states, block_v=block_v, block_k_out=block_k_out, **tiles)
+                             n_states, block_q=block_q, block_kv=block_kv, block_v=block_v,
+                             block_k_out=block_k_out, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, **common)
     dk, kdk = intra_chunk_dk(qp, kp, vp, dhp, b, m_row, inv_n, dden, logi, w_state, dc_states,
-                             dn_states, block_v=block_v, block_k_out=block_k_out, **tiles)
+                             dn_states, block_q=block_q, block_kv=block_kv, block_v=block_v,
+                             block_k_out=block_k_out, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, **common)
     dv = intra_chunk_dv(qp, kp, vp, dhp, b, m_row, inv_n, logi, w_state, dc_states,
-                        block_k=block_k, block_v_out=block_v_out, **tiles)
+                        block_q=block_q_dv, block_kv=block_kv_dv, block_k=block_k,
+                        block_v_out=block_v_out, num_warps=cfg.num_warps_dv,
+                        num_stages=cfg.num_stages_dv, **common)
 
     # Gate gradients: d log i = k . dk, d F = reverse cumsum of (q . dq - k . dk) + Z.
     qdq, kdk = jnp.sum(qdq, axis=2), jnp.sum(kdk, axis=2)                # (B, H, T)
-    z = (jnp.sum(dc_Tp * c_states[:, :, NC], axis=(-2, -1))
+    z = (jnp.sum(dc_Tp * c_final, axis=(-2, -1))
          + jnp.sum(dn_Tp * n_states[:, :, NC], axis=-1))                  # (B, H)
     dF = lax.cumsum(qdq - kdk, axis=2, reverse=True) + z[..., None]
     df = dF * jax.nn.sigmoid(-_rows(f))
     di = kdk if exp_gate else kdk * jax.nn.sigmoid(-_rows(i))
 
-    dc0 = dc_states[:, :, 0, :K, :V]
+    dc0 = dc_first[..., :K, :V]
     dn0 = dn_states[:, :, 0, :K]
     if exp_gate:
         dm0 = jnp.sum(dc0 * c0, axis=(-2, -1)) + jnp.sum(dn0 * n0, axis=-1)

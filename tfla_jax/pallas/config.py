@@ -53,17 +53,17 @@ class TilingConfig:
     """
 
     chunk_size: int = 256
-    block_q: int = 64
+    block_q: int = 128
     block_kv: int = 64
-    block_k: int = 256
+    block_k: int = 64
     block_v: int = 128
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
     states_block_k: int = 64
-    states_block_v: int = 64
+    states_block_v: int = 128
     states_block_kv: int = 64
     states_num_warps: int = 4
-    states_num_stages: int = 2
+    states_num_stages: int = 3
 
     def __post_init__(self):
         for name in ("chunk_size", "block_q", "block_kv", "block_k", "block_v", "states_block_k",
@@ -96,24 +96,35 @@ class TilingConfig:
         return dataclasses.replace(self, chunk_size=chunk_size)
 
     @classmethod
-    def default(cls, K: int, V: int, T: int, dtype=jnp.bfloat16, input_gate: str = "exp"
-                ) -> "TilingConfig":
-        """Defaults per (K, V, T, dtype, input gate), from measurements (benchmarks/README.md).
+    def default(cls, K: int, V: int, T: int, dtype=jnp.bfloat16, input_gate: str = "exp",
+                chunk_size: int | None = None) -> "TilingConfig":
+        """Defaults per (K, V, T, dtype, input gate), from measurements (benchmarks/NOTES.md).
 
-        Short sequences get a chunk no longer than the sequence (rounded up to a power of two,
-        at least 16) so that padding stays small.
+        chunk_size overrides L (the tiles are then chosen for that L). Without it L = 256, or
+        for short sequences the sequence length rounded up to a power of two (at least 16).
         """
-        del input_gate  # same tiling measured best for both gates (benchmarks/NOTES.md)
+        del input_gate  # the same tiling measured best for both gates
         itemsize = jnp.dtype(dtype).itemsize
-        L = 256
-        Kp, Vp = padded_head_dim(K), padded_head_dim(V)
-        # Output kernel: the V tile is a grid axis; q k^T is recomputed per V tile, so take it
-        # as large as the f32 accumulator (block_q x block_v) allows.
-        block_v = 128 if itemsize <= 2 else 64
-        block_k = 256 if itemsize <= 2 else 64
-        cfg = cls(chunk_size=L, block_q=64, block_kv=64, block_k=block_k, block_v=block_v,
-                  num_warps=8 if Vp >= 128 else 4, num_stages=2,
-                  states_block_k=64, states_block_v=64, states_block_kv=64,
-                  states_num_warps=4, states_num_stages=2)
-        L = max(MIN_BLOCK, min(L, _next_pow2(T)))
-        return cfg.with_chunk_size(L).resolve(K, V)
+        if chunk_size is None:
+            chunk_size = max(MIN_BLOCK, min(256, _next_pow2(T)))
+        L = chunk_size
+        if itemsize <= 2 and L >= 128:
+            # Measured best on an H100 at B=8 T=8192 H=8 K=256 V=512 bf16, L=256.
+            cfg = cls(chunk_size=L, block_q=128, block_kv=64, block_k=64, block_v=128,
+                      num_warps=8, num_stages=3,
+                      states_block_k=64, states_block_v=128, states_block_kv=64,
+                      states_num_warps=4, states_num_stages=3)
+        elif itemsize <= 2:
+            # Chunks of <= 64 rows: one 64-row query tile and 4 warps (8 warps with 3 stages
+            # overflowed shared memory at L=64 on the H100).
+            cfg = cls(chunk_size=L, block_q=64, block_kv=64, block_k=64, block_v=128,
+                      num_warps=4, num_stages=3,
+                      states_block_k=64, states_block_v=128, states_block_kv=64,
+                      states_num_warps=4, states_num_stages=3)
+        else:
+            # float32 operands (full-precision dots, no tensor cores): smaller tiles.
+            cfg = cls(chunk_size=L, block_q=64, block_kv=64, block_k=64, block_v=64,
+                      num_warps=4, num_stages=2,
+                      states_block_k=64, states_block_v=64, states_block_kv=64,
+                      states_num_warps=4, states_num_stages=2)
+        return cfg.resolve(K, V)

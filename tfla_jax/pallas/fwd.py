@@ -38,6 +38,9 @@ from tfla_jax.ref.chunkwise import chunk_gates
 
 _F32 = jnp.float32
 
+# Output kernel loop structure (a trace-time switch, measured in benchmarks/NOTES.md).
+SPLIT_DIAGONAL_LOOP = False
+
 
 def _dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -54,7 +57,8 @@ def _inter_dtype(dtype):
 def chunk_gate_terms(i, f, chunk_size: int, input_gate: str):
     """Per-position gate terms. i, f: (B, T, H) raw pre-activations, T a multiple of chunk_size.
 
-    Returns float32 b, a, u: (B, H, T) and g: (B, H, NC) (see the module docstring).
+    Returns float32 b, a, u: (B, H, T) and g, a_max = max_tau a_tau: (B, H, NC)
+    (see the module docstring).
     """
     B, T, H = i.shape
     L = chunk_size
@@ -65,18 +69,23 @@ def chunk_gate_terms(i, f, chunk_size: int, input_gate: str):
     logi = gates.log_input_gate(i, input_gate)
     b, g, a = chunk_gates(F, logi)
     u = logi - b
-    return b.reshape(B, H, T), a.reshape(B, H, T), u.reshape(B, H, T), g
+    a_max = jnp.max(a, axis=-1)
+    return b.reshape(B, H, T), a.reshape(B, H, T), u.reshape(B, H, T), g, a_max
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernel 1: chunk states
 # ----------------------------------------------------------------------------------------------
-def _chunk_states_kernel(k_ref, v_ref, a_ref, g_ref, c0_ref, n0_ref, m0_ref,
+def _chunk_states_kernel(k_ref, v_ref, a_ref, g_ref, amax_ref, c0_ref, n0_ref, m0_ref,
                          c_ref, n_ref, m_ref, *, num_chunks, chunk_size, block_kv, exp_gate,
                          precision):
-    # k_ref [T, bk], v_ref [T, bv], a_ref [T], g_ref [NC], c0_ref [bk, bv], n0_ref [bk], m0_ref []
-    # c_ref [NC+1, bk, bv], n_ref [NC+1, bk], m_ref [NC+1]
+    # k_ref [T, bk], v_ref [T, bv], a_ref [T], g_ref [NC], amax_ref [NC], c0_ref [bk, bv],
+    # n0_ref [bk], m0_ref []; outputs c_ref [NC+1, bk, bv], n_ref [NC+1, bk], m_ref [NC+1].
+    # One flat loop over all T/block_kv sub-blocks (not a loop over chunks with an inner loop)
+    # so that Triton pipelines the k/v loads across chunk boundaries; the chunk-boundary work
+    # (store the state entering the chunk, new stabiliser, decay) runs on a chunk's first block.
     L = chunk_size
+    n_sub = L // block_kv
     kt = pl.program_id(0)
     vt = pl.program_id(1)
     write_n = vt == 0
@@ -93,46 +102,43 @@ def _chunk_states_kernel(k_ref, v_ref, a_ref, g_ref, c0_ref, n0_ref, m0_ref,
         def _():
             m_ref[idx] = m
 
-    def chunk_body(c, carry):
+    def body(j, carry):
         C, n, m = carry
-        store_state(c, C, n, m)
+        c = lax.div(j, n_sub)                                               # j >= 0
+        first = lax.rem(j, n_sub) == 0
+
+        @pl.when(first)
+        def _():
+            store_state(c, C, n, m)
+
         g = g_ref[c]
         if exp_gate:
-            a_chunk = a_ref[pl.ds(c * L, L)]                                # [L]
-            m_new = jnp.maximum(g + m, jnp.max(a_chunk))
+            m_new = jnp.where(first, jnp.maximum(g + m, amax_ref[c]), m)
         else:
             m_new = m
-        decay = jnp.exp(g + m - m_new)
-        C = C * decay
-        n = n * decay
-
-        def sub_body(j, carry):
-            C, n = carry
-            s0 = pl.multiple_of(c * L + j * block_kv, block_kv)
-            kk = k_ref[pl.ds(s0, block_kv), :]                              # [bkv, bk]
-            vv = v_ref[pl.ds(s0, block_kv), :]                              # [bkv, bv]
-            w = jnp.exp(a_ref[pl.ds(s0, block_kv)] - m_new)                 # [bkv]
-            kw = kk.astype(_F32) * w[:, None]
-            C = C + lax.dot_general(kw.astype(kk.dtype), vv, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=_F32, precision=precision)
-            n = n + jnp.sum(kw, axis=0)
-            return C, n
-
-        C, n = lax.fori_loop(0, L // block_kv, sub_body, (C, n))
+        decay = jnp.where(first, jnp.exp(g + m - m_new), 1.0)
+        s0 = pl.multiple_of(j * block_kv, block_kv)
+        kk = k_ref[pl.ds(s0, block_kv), :]                                  # [bkv, bk]
+        vv = v_ref[pl.ds(s0, block_kv), :]                                  # [bkv, bv]
+        w = jnp.exp(a_ref[pl.ds(s0, block_kv)] - m_new)                     # [bkv]
+        kw = kk.astype(_F32) * w[:, None]
+        C = C * decay + lax.dot_general(kw.astype(kk.dtype), vv, (((0,), (0,)), ((), ())),
+                                        preferred_element_type=_F32, precision=precision)
+        n = n * decay + jnp.sum(kw, axis=0)
         return C, n, m_new
 
     C = c0_ref[...].astype(_F32)
     n = n0_ref[...].astype(_F32)
     m = m0_ref[...].astype(_F32) if exp_gate else jnp.zeros((), _F32)
-    C, n, m = lax.fori_loop(0, num_chunks, chunk_body, (C, n, m))
+    C, n, m = lax.fori_loop(0, num_chunks * n_sub, body, (C, n, m))
     store_state(num_chunks, C, n, m)
 
 
-def chunk_states(k, v, a, g, c0, n0, m0, *, config: TilingConfig, exp_gate: bool,
+def chunk_states(k, v, a, g, a_max, c0, n0, m0, *, config: TilingConfig, exp_gate: bool,
                  interpret: bool = False):
     """States entering every chunk plus the final one.
 
-    k: (B, T, H, K), v: (B, T, H, V) (K, V multiples of 16); a: (B, H, T), g: (B, H, NC) float32;
+    k: (B, T, H, K), v: (B, T, H, V) (K, V multiples of 16); a: (B, H, T), g, a_max: (B, H, NC);
     c0 (B, H, K, V), n0 (B, H, K), m0 (B, H) float32.
     Returns C (B, H, NC+1, K, V), n (B, H, NC+1, K), m (B, H, NC+1), float32.
     """
@@ -149,6 +155,7 @@ def chunk_states(k, v, a, g, c0, n0, m0, *, config: TilingConfig, exp_gate: bool
         pl.BlockSpec((None, T, None, bk), lambda i, j, z: (bh(z)[0], 0, bh(z)[1], i)),
         pl.BlockSpec((None, T, None, bv), lambda i, j, z: (bh(z)[0], 0, bh(z)[1], j)),
         pl.BlockSpec((None, None, T), lambda i, j, z: (*bh(z), 0)),
+        pl.BlockSpec((None, None, NC), lambda i, j, z: (*bh(z), 0)),
         pl.BlockSpec((None, None, NC), lambda i, j, z: (*bh(z), 0)),
         pl.BlockSpec((None, None, bk, bv), lambda i, j, z: (*bh(z), i, j)),
         pl.BlockSpec((None, None, bk), lambda i, j, z: (*bh(z), i)),
@@ -169,7 +176,7 @@ def chunk_states(k, v, a, g, c0, n0, m0, *, config: TilingConfig, exp_gate: bool
         out_shape=out_shape, interpret=interpret, name="mlstm_fwd_chunk_states",
         compiler_params=plt.CompilerParams(num_warps=config.states_num_warps,
                                            num_stages=config.states_num_stages),
-    )(k, v, a, g, c0, n0, m0)
+    )(k, v, a, g, a_max, c0, n0, m0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,10 +255,14 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, u_ref, c_ref, n_ref, m_ref,
                             precision=precision)
         return acc, den
 
-    n_full = r0 // block_kv                      # kv tiles entirely left of the first row
-    n_end = (r0 + block_q + block_kv - 1) // block_kv   # ... and up to the causal diagonal
-    acc, den = lax.fori_loop(0, n_full, functools.partial(kv_body, masked=False), (acc, den))
-    acc, den = lax.fori_loop(n_full, n_end, functools.partial(kv_body, masked=True), (acc, den))
+    n_end = (r0 + block_q + block_kv - 1) // block_kv   # kv tiles up to the causal diagonal
+    if SPLIT_DIAGONAL_LOOP:  # unmasked tiles left of the first row, then the diagonal tiles
+        n_full = r0 // block_kv
+        acc, den = lax.fori_loop(0, n_full, functools.partial(kv_body, masked=False), (acc, den))
+        acc, den = lax.fori_loop(n_full, n_end, functools.partial(kv_body, masked=True),
+                                 (acc, den))
+    else:  # one loop, mask everywhere: longer loops pipeline better (chunks have few tiles)
+        acc, den = lax.fori_loop(0, n_end, functools.partial(kv_body, masked=True), (acc, den))
 
     if normalize:
         acc = acc / (jnp.maximum(jnp.abs(den), floor) + eps)[:, None]
@@ -370,8 +381,8 @@ def mlstm_fwd(q, k, v, i, f, c0=None, n0=None, m0=None, *, input_gate="exp", nor
         v = _pad_last(v, Vp)
         c0 = _pad_last(jnp.swapaxes(_pad_last(jnp.swapaxes(c0, -1, -2), Kp), -1, -2), Vp)
 
-    b, a, u, g = chunk_gate_terms(i, f, L, input_gate)
-    c_states, n_states, m_states = chunk_states(k, v, a, g, c0, n0, m0, config=config,
+    b, a, u, g, a_max = chunk_gate_terms(i, f, L, input_gate)
+    c_states, n_states, m_states = chunk_states(k, v, a, g, a_max, c0, n0, m0, config=config,
                                                 exp_gate=exp_gate, interpret=interpret)
     h, den, m_row = chunk_output(q, k, v, b, u, c_states, n_states, m_states, config=config,
                                  exp_gate=exp_gate, normalize=normalize, scale=scale, eps=eps,

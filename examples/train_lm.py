@@ -1,0 +1,730 @@
+"""Train a byte-level xLSTM language model (`tfla_jax.layers.xLSTMLM`) on real text, CPU or GPU.
+
+    python examples/train_lm.py                       # tiny model on the Python stdlib sources (CPU, ~3 min)
+    python examples/train_lm.py --resume              # continue the run in --out-dir exactly
+    python examples/train_lm.py --data notes.txt src/ # your own UTF-8 text files / directories
+    python examples/train_lm.py --preset small --seq-len 1024 --batch-size 64 --steps 5000   # a GPU
+
+One optimizer step (`make_train_step`):
+  1. the global batch [grad_accum, micro_batch, seq_len + 1] is split over the devices of a
+     ("data", "fsdp") mesh; inside `jax.shard_map` each device all-gathers the parameters that FSDP
+     shards, runs forward + backward on its rows (micro-batches in a `lax.scan`), and the gradients
+     are averaged over devices (`psum_scatter` back onto the FSDP shards, `psum` elsewhere);
+  2. optax: global-norm clipping, AdamW (b2 0.95, weight decay on matrices only), warmup + cosine;
+  3. a NaN/inf guard: a step whose loss or gradient norm is not finite leaves the state untouched,
+     and the host stops with a message; the last checkpoint (always a finite state) stays.
+Parameters and optimizer state are float32; the model computes in bfloat16 on GPU (--dtype).
+
+Writes into --out-dir (default runs/lm): config.json, metrics.jsonl (train and validation records),
+loss.png (bits per byte), checkpoints/<step>/ (orbax: parameters, optimizer, step, RNG, data
+position) and sample.txt (text generated at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lm_data next to this file
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import lm_data  # noqa: E402
+from tfla_jax.layers import generate, xLSTMConfig, xLSTMLM  # noqa: E402
+
+PRESETS = ("tiny", "small", "medium")  # xLSTMConfig presets, here with the 256-byte vocabulary
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both mesh axes; FSDP shards over "fsdp"
+LN2 = math.log(2.0)
+# Flags whose change makes a resumed run a different run (checked against the checkpoint).
+RUN_DEFINING = ("data", "max_corpus_bytes", "val_fraction", "seq_len", "batch_size", "seed",
+                "preset", "embedding_dim", "num_blocks", "num_heads", "chunk_size", "dtype", "lr",
+                "min_lr_ratio", "warmup_steps", "weight_decay", "clip_norm", "b1", "b2")
+
+
+class UsageError(ValueError):
+    """A flag value or combination that cannot work; raised before anything is compiled."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the last checkpoint holds the last good state."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_lm.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                   help="UTF-8 text files or directories (default: the running Python's stdlib .py "
+                        "sources)")
+    g.add_argument("--max-corpus-bytes", type=int, default=lm_data.DEFAULT_MAX_BYTES,
+                   help="read at most this many bytes of text (keeps start-up fast)")
+    g.add_argument("--val-fraction", type=float, default=lm_data.DEFAULT_VAL_FRACTION,
+                   help="fraction of files (of bytes, for a single file) held out for validation")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per training sequence")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per optimizer step (all devices, all accumulation steps)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="split each batch into this many sequential micro-batches")
+    g.add_argument("--seed", type=int, default=0, help="parameter init, data order and sampling")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=PRESETS, default="tiny",
+                   help="xLSTMConfig preset: tiny (CPU), small / medium (GPU)")
+    g.add_argument("--embedding-dim", type=int, help="override the preset's width")
+    g.add_argument("--num-blocks", type=int, help="override the preset's depth")
+    g.add_argument("--num-heads", type=int, help="override the preset's mLSTM heads")
+    g.add_argument("--chunk-size", type=int, help="mLSTM chunk size (power of two)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (parameters stay float32); auto: bfloat16 on GPU/TPU, "
+                        "float32 on CPU")
+    g.add_argument("--mlstm-implementation", default="auto",
+                   choices=("auto", "pallas", "chunkwise", "parallel", "recurrent"),
+                   help="tfla_jax.mlstm implementation; auto: Pallas kernels on GPU, chunkwise else")
+    g.add_argument("--remat", action="store_true",
+                   help="recompute each block in the backward pass (less activation memory)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--steps", type=int, default=800, help="optimizer steps of the whole run")
+    g.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on matrices only")
+    g.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+    g.add_argument("--b1", type=float, default=0.9)
+    g.add_argument("--b2", type=float, default=0.95)
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=100, help="validate every this many steps")
+    g.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
+    g.add_argument("--log-every", type=int, default=10, help="metrics record every this many steps")
+    g.add_argument("--out-dir", default="runs/lm", help="metrics, plot, checkpoints and sample")
+    g.add_argument("--ckpt-every", type=int, default=400, help="checkpoint every this many steps")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out-dir (exactly)")
+    g.add_argument("--overwrite", action="store_true", help="start over, deleting an earlier run")
+    g.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="checkpoint and stop after this step (continue later with --resume)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--nan-at-step", type=int, default=-1, metavar="STEP",
+                   help="testing: make the loss NaN at this step to exercise the guard")
+    g = p.add_argument_group("devices")
+    g.add_argument("--devices", type=int, default=0, help="devices to use (0: all)")
+    g.add_argument("--fsdp", type=int, default=1,
+                   help="shard parameters and optimizer state over this many devices (the rest "
+                        "of the devices replicate them: data parallelism)")
+    g = p.add_argument_group("sample")
+    g.add_argument("--sample-tokens", type=int, default=400, help="bytes to generate at the end")
+    g.add_argument("--prompt", default="def ", help="text the sample continues")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=40, help="sample among the k most likely bytes")
+    return p
+
+
+def validate_args(args) -> None:
+    """Flag values that cannot work, with the flag named; runs before any data or compilation."""
+    def positive(name, value, minimum=1):
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= {minimum}, "
+                             f"got {value}")
+    for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
+                 "log_every", "ckpt_every", "keep_checkpoints", "fsdp", "max_corpus_bytes",
+                 "embedding_dim", "num_blocks", "num_heads"):
+        positive(name, getattr(args, name))
+    positive("warmup_steps", args.warmup_steps, 0)
+    positive("sample_tokens", args.sample_tokens, 0)
+    positive("devices", args.devices, 0)
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        raise UsageError(f"--stop-at: expected a step in [1, --steps={args.steps}], got {args.stop_at}")
+    if args.batch_size % args.grad_accum:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by --grad-accum "
+                         f"{args.grad_accum}")
+    if not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val-fraction: expected a number in (0, 1), got {args.val_fraction}")
+    for name in ("lr", "clip_norm"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a number > 0")
+    if not 0 <= args.min_lr_ratio <= 1 or args.weight_decay < 0:
+        raise UsageError("--min-lr-ratio must lie in [0, 1] and --weight-decay be >= 0")
+    if not (0 <= args.b1 < 1 and 0 <= args.b2 < 1):
+        raise UsageError("--b1 and --b2 must lie in [0, 1)")
+    if args.temperature < 0 or (args.top_k is not None and not 1 <= args.top_k <= 256):
+        raise UsageError("--temperature must be >= 0 and --top-k in [1, 256]")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+
+
+def compute_dtype(args):
+    if args.dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(args.dtype)
+
+
+def build_config(args) -> xLSTMConfig:
+    """The model config: a preset with the byte vocabulary and the flags' overrides."""
+    overrides = dict(vocab_size=lm_data.VOCAB_SIZE, dtype=compute_dtype(args),
+                     param_dtype=jnp.float32, remat=args.remat,
+                     mlstm_implementation=None if args.mlstm_implementation == "auto"
+                     else args.mlstm_implementation)
+    for name in ("embedding_dim", "num_blocks", "num_heads", "chunk_size"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        return getattr(xLSTMConfig, args.preset)(**overrides)
+    except ValueError as e:  # e.g. heads that do not divide the q/k or v width
+        flags = {"chunk_size": "--chunk-size", "num_heads": "--num-heads"}
+        hint = " / ".join(f for k, f in flags.items() if k in str(e)) or "the model flags"
+        raise UsageError(f"model config ({hint}): {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Mesh and sharding
+# ------------------------------------------------------------------------------------------------
+
+
+def build_mesh(args) -> Mesh:
+    """A (data, fsdp) mesh over the first --devices devices."""
+    available = jax.devices()
+    n = args.devices or len(available)
+    if n > len(available):
+        raise UsageError(f"--devices {n}: only {len(available)} {jax.default_backend()} device(s) "
+                         "visible (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         "simulates N)")
+    if n % args.fsdp:
+        raise UsageError(f"--fsdp {args.fsdp} does not divide the {n} devices")
+    micro = args.batch_size // args.grad_accum
+    if micro % n:
+        raise UsageError(f"the micro-batch (--batch-size / --grad-accum = {micro}) is not divisible "
+                         f"by the {n} devices")
+    devices = np.asarray(available[:n]).reshape(n // args.fsdp, args.fsdp)
+    return Mesh(devices, BATCH_AXES)
+
+
+def fsdp_dim(shape, fsdp: int) -> int:
+    """The axis FSDP shards an array along: its largest axis divisible by fsdp; -1: replicate.
+    A rule of the shape alone, so the optimizer moments get the layout of their parameters."""
+    if fsdp == 1:
+        return -1
+    for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[d] % fsdp == 0:
+            return d
+    return -1
+
+
+def dim_spec(ndim: int, d: int) -> P:
+    return P() if d < 0 else P(*(["fsdp" if i == d else None for i in range(ndim)]))
+
+
+def tree_specs(tree, fsdp: int):
+    """PartitionSpecs for every array of a tree (parameters or optimizer state)."""
+    return jax.tree.map(lambda x: dim_spec(len(x.shape), fsdp_dim(x.shape, fsdp)), tree)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer, train and eval steps
+# ------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(args):
+    """Clip the global norm, then AdamW with weight decay on matrices only, warmup + cosine."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=args.lr, warmup_steps=args.warmup_steps,
+        decay_steps=max(args.steps, args.warmup_steps + 1), end_value=args.lr * args.min_lr_ratio)
+
+    def decay_mask(params):  # Linear kernels and the embedding; not norms' weights, not biases
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+
+    tx = optax.chain(optax.clip_by_global_norm(args.clip_norm),
+                     optax.adamw(schedule, b1=args.b1, b2=args.b2,
+                                 weight_decay=args.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def loss_fn(graphdef, params, tokens):
+    """Mean next-byte cross-entropy (nats). tokens [b, T + 1] int32."""
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(tokens[:, :-1])  # [b, T, 256] float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def _gather(params, dims):
+    """FSDP: all-gather each sharded parameter (inside shard_map)."""
+    return jax.tree.map(lambda x, d: x if d < 0 else lax.all_gather(x, "fsdp", axis=d, tiled=True),
+                        params, dims)
+
+
+def _average_grads(grads, dims, count: int):
+    """Sum the per-device gradients (onto the FSDP shards where sharded) and divide by count."""
+    def reduce(g, d):
+        if d >= 0:
+            g = lax.psum_scatter(g, "fsdp", scatter_dimension=d, tiled=True)
+            return lax.psum(g, "data") / count
+        return lax.psum(g, BATCH_AXES) / count
+    return jax.tree.map(reduce, grads, dims)
+
+
+def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state_shardings,
+                    nan_at_step=-1):
+    """The jit-compiled step: (state, tokens [accum, micro, T + 1]) -> (state, metrics)."""
+    num_devices = mesh.size
+
+    def local_loss_and_grads(params_shard, tokens, step):
+        params = _gather(params_shard, param_dims)
+
+        def micro_batch(carry, toks):  # gradient accumulation: one micro-batch per scan step
+            loss, grads = jax.value_and_grad(functools.partial(loss_fn, graphdef))(params, toks)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = lax.scan(micro_batch, zeros, tokens)
+        count = tokens.shape[0] * num_devices
+        loss = lax.psum(loss, BATCH_AXES) / count
+        loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)  # testing the guard (off: -1)
+        return loss, _average_grads(grads, param_dims, count)
+
+    sharded = jax.shard_map(local_loss_and_grads, mesh=mesh,
+                            in_specs=(param_specs, P(None, BATCH_AXES), P()),
+                            out_specs=(P(), param_specs), check_vma=False)
+
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_shardings, None))
+    def train_step(state, tokens):
+        loss, grads = sharded(state["params"], tokens, state["step"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = dict(state, params=optax.apply_updates(state["params"], updates),
+                   opt_state=opt_state, step=state["step"] + 1)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)  # NaN guard
+        metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]), finite=finite)
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, mesh, param_dims, param_specs):
+    """The jit-compiled validation loss (nats per byte) of one batch [b, T + 1]."""
+    def local_loss(params_shard, tokens):
+        loss = loss_fn(graphdef, _gather(params_shard, param_dims), tokens)
+        return lax.pmean(loss, BATCH_AXES)
+
+    return jax.jit(jax.shard_map(local_loss, mesh=mesh, in_specs=(param_specs, P(BATCH_AXES)),
+                                 out_specs=P(), check_vma=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs (for tokens/s -> model FLOP utilisation)
+# ------------------------------------------------------------------------------------------------
+
+
+def model_flops_per_token(cfg: xLSTMConfig, chunk_size: int) -> float:
+    """Training FLOPs per token: 6 N (N: parameters without the embedding table; every weight
+    does a multiply-add forward and two backward) plus the mLSTM cell's matrix-memory work,
+    3 x forward per block and head: 4 K V (chunk states k v^T and the read-out q C) + L (K + V)
+    (the causal, attention-like q k^T and (q k^T) v inside chunks of L)."""
+    n = cfg.num_params - cfg.vocab_size * cfg.embedding_dim
+    K, V, H = cfg.qk_head_dim, cfg.v_head_dim, cfg.num_heads
+    cell = 3 * cfg.num_blocks * H * (4 * K * V + chunk_size * (K + V))
+    return 6.0 * n + cell
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: data, model state, checkpoints, metrics
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from the flags (data and shapes only; nothing compiled yet)."""
+
+    args: argparse.Namespace
+    cfg: xLSTMConfig
+    mesh: Mesh
+    corpus: lm_data.Corpus
+    batches: lm_data.PackedBatches
+    val_windows: np.ndarray  # [eval_batches, micro, T + 1]
+    graphdef: object
+    abstract_params: dict
+    tx: optax.GradientTransformation
+    schedule: object
+    param_dims: dict
+    param_specs: dict
+    state_shardings: dict
+    batch_sharding: NamedSharding
+
+    @property
+    def micro_batch(self) -> int:
+        return self.args.batch_size // self.args.grad_accum
+
+    def batch(self) -> jax.Array:
+        """The next global batch on the devices: [grad_accum, micro, T + 1] int32."""
+        a = self.args
+        tokens = next(self.batches).reshape(a.grad_accum, self.micro_batch, a.seq_len + 1)
+        return jax.device_put(tokens, self.batch_sharding)
+
+    def init_state(self) -> dict:
+        """Fresh parameters (xLSTM 7B init), optimizer state, step 0 and an RNG key, sharded."""
+        cfg, tx, seed = self.cfg, self.tx, self.args.seed
+
+        @functools.partial(jax.jit, out_shardings=self.state_shardings)
+        def init():
+            params = nnx.to_pure_dict(nnx.state(xLSTMLM(cfg, rngs=nnx.Rngs(seed))))
+            return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                        rng=jax.random.key_data(jax.random.key(seed + 1)))
+        return init()
+
+    def abstract_state(self) -> dict:
+        """Shapes, dtypes and shardings of the state (the orbax restore target)."""
+        shapes = jax.eval_shape(self.init_state)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+
+def setup(args) -> Run:
+    """Validates flags, builds config, mesh and data; raises UsageError / DataError early."""
+    validate_args(args)
+    cfg = build_config(args)
+    mesh = build_mesh(args)
+    if args.data:
+        corpus = lm_data.load_text_files(args.data, args.max_corpus_bytes, args.val_fraction)
+    else:
+        corpus = lm_data.load_stdlib_corpus(args.max_corpus_bytes, args.val_fraction)
+    if corpus.train.size < args.seq_len + 1:
+        raise lm_data.DataError(f"{corpus.summary()}: the training text is shorter than one "
+                                f"sequence (--seq-len {args.seq_len} + 1 bytes)")
+    batches = lm_data.PackedBatches(corpus.train, args.seq_len, args.batch_size, args.seed)
+    micro = args.batch_size // args.grad_accum
+    val_windows = lm_data.eval_windows(corpus.val, args.seq_len, micro, args.eval_batches)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: xLSTMLM(cfg, rngs=nnx.Rngs(0))))
+    abstract_params = nnx.to_pure_dict(abstract)
+    tx, schedule = make_optimizer(args)
+    param_dims = jax.tree.map(lambda x: fsdp_dim(x.shape, args.fsdp), abstract_params)
+    param_specs = tree_specs(abstract_params, args.fsdp)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    specs = dict(params=param_specs, opt_state=tree_specs(abstract_opt, args.fsdp), step=P(),
+                 rng=P())
+    state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                                   is_leaf=lambda x: isinstance(x, P))
+    batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+    return Run(args, cfg, mesh, corpus, batches, val_windows, graphdef, abstract_params, tx,
+               schedule, param_dims, param_specs, state_shardings, batch_sharding)
+
+
+class Checkpoints:
+    """orbax checkpoints in <out-dir>/checkpoints/<step>: the state pytree (parameters,
+    optimizer, step, RNG) and a JSON item (data position, the run-defining flags)."""
+
+    def __init__(self, directory: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp, self.directory = ocp, os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, meta: dict) -> None:
+        args = self.ocp.args
+        self.manager.save(step, args=args.Composite(state=args.StandardSave(state),
+                                                    meta=args.JsonSave(meta)))
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=self.ocp.args.Composite(
+            meta=self.ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
+        args = self.ocp.args
+        out = self.manager.restore(step, args=args.Composite(
+            state=args.StandardRestore(abstract_state), meta=args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def run_flags(args) -> dict:
+    return {name: getattr(args, name) for name in RUN_DEFINING}
+
+
+def check_resume_flags(saved: dict, args) -> None:
+    """A resumed run must be the same run: the data, model and optimizer flags must match."""
+    now = run_flags(args)
+    diff = [f"--{k.replace('_', '-')} {now[k]!r} (checkpoint: {saved.get(k)!r})"
+            for k in RUN_DEFINING if saved.get(k) != now[k]]
+    if diff:
+        raise UsageError("--resume: these flags differ from the checkpointed run: " + "; ".join(diff))
+
+
+class Metrics:
+    """metrics.jsonl: one JSON record per line, {"split": "train" | "val", "step": ..., ...}."""
+
+    def __init__(self, path: str, keep_until_step: int | None):
+        self.path = path
+        self.records = []
+        if keep_until_step is not None and os.path.exists(path):  # resume: drop what came after
+            with open(path) as fh:
+                self.records = [r for r in map(json.loads, fh) if r["step"] <= keep_until_step]
+        with open(path, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in self.records)
+
+    def add(self, **record) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def split(self, name: str) -> list[dict]:
+        return [r for r in self.records if r["split"] == name]
+
+
+def plot_metrics(metrics: Metrics, path: str, title: str) -> None:
+    """loss.png: train and validation bits per byte against the step (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = metrics.split("train"), metrics.split("val")
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot([r["step"] for r in train], [r["bpb"] for r in train], label="train", lw=1.2)
+    if val:
+        ax.plot([r["step"] for r in val], [r["bpb"] for r in val], "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(eval_step, params, run: Run) -> float:
+    """Mean validation loss (nats per byte) over the fixed validation windows."""
+    losses = [eval_step(params, jax.device_put(w, NamedSharding(run.mesh, P(BATCH_AXES))))
+              for w in run.val_windows]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def sample_text(run: Run, params, rng_data, args) -> str:
+    """Continue --prompt by --sample-tokens bytes with the trained model (prefill + decode)."""
+    device = jax.devices()[0]
+    params = jax.device_put(jax.device_get(params), device)
+    model = nnx.merge(run.graphdef, params)
+    prompt = np.frombuffer(args.prompt.encode("utf-8") or bytes([lm_data.EOD]), np.uint8)
+    key = jax.random.wrap_key_data(jnp.asarray(rng_data))
+    out = generate(model, jnp.asarray(prompt, jnp.int32)[None], args.sample_tokens,
+                   temperature=args.temperature, top_k=None if args.temperature == 0 else args.top_k,
+                   rng=key, eos_token_id=lm_data.EOD)
+    data = bytes(np.asarray(out[0]).astype(np.uint8).tolist()).split(bytes([lm_data.EOD]))[0]
+    return args.prompt + data.decode("utf-8", errors="replace")
+
+
+def _progress(args, start, stop):
+    from tqdm import tqdm
+
+    return tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True, disable=args.no_progress,
+                file=sys.stderr, leave=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    """Train (or resume), evaluate, checkpoint, plot and sample. Returns a summary dict:
+    {"step", "train": [records], "val": [records], "sample", "out_dir", "wall_s"}."""
+    t_start = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    run = setup(args)
+    cfg = run.cfg
+    out = args.out_dir
+    ckpt_dir = os.path.join(out, "checkpoints")
+
+    # Resume or start over: decided before compiling anything.
+    has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if args.resume and not has_ckpt:
+        raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; start a run without --resume")
+    if has_ckpt and not args.resume:
+        if not args.overwrite:
+            raise UsageError(f"{out} already holds a run (checkpoints in {ckpt_dir}); pass --resume "
+                             "to continue it, --overwrite to start over, or another --out-dir")
+        shutil.rmtree(ckpt_dir)
+    os.makedirs(out, exist_ok=True)
+    checkpoints = Checkpoints(ckpt_dir, args.keep_checkpoints)
+    start_step = 0
+    if args.resume:
+        start_step = checkpoints.latest_step()
+        saved = checkpoints.restore_meta(start_step)
+        check_resume_flags(saved["flags"], args)
+        if saved["steps"] != args.steps:
+            print(f"note: --steps {args.steps} differs from the checkpointed run's {saved['steps']}; "
+                  "the learning-rate schedule changes with it")
+    stop = args.stop_at or args.steps
+    if start_step >= stop:
+        print(f"nothing to train: the checkpoint is at step {start_step}, the run stops at {stop}")
+
+    n_params = cfg.num_params
+    tokens_per_step = args.batch_size * args.seq_len
+    print(f"data: {run.corpus.summary()}; {run.batches.windows_per_epoch} sequences of "
+          f"{args.seq_len} bytes per epoch")
+    print(f"model: preset {args.preset}, d {cfg.embedding_dim}, {cfg.num_blocks} blocks, "
+          f"{cfg.num_heads} heads, {n_params / 1e6:.2f}M parameters, compute {cfg.dtype.name}, "
+          f"mLSTM {cfg.mlstm_implementation or 'auto'} on {jax.default_backend()}")
+    print(f"devices: {run.mesh.size} ({dict(run.mesh.shape)}), batch {args.batch_size} x "
+          f"{args.seq_len} = {tokens_per_step} tokens/step in {args.grad_accum} micro-batch(es)")
+
+    with open(os.path.join(out, "config.json"), "w") as fh:
+        json.dump({"flags": vars(args), "model": {k: str(v) if k.endswith("dtype") else v
+                                                  for k, v in dataclasses.asdict(cfg).items()}},
+                  fh, indent=2)
+
+    # State: fresh or restored (orbax reshards onto this run's mesh).
+    if args.resume:
+        state, meta = checkpoints.restore(start_step, run.abstract_state())
+        run.batches.load_state_dict(meta["data"])
+        print(f"resumed from {ckpt_dir}/{start_step} (data epoch {meta['data']['epoch']}, "
+              f"sequence {meta['data']['index']})")
+    else:
+        state = run.init_state()
+    metrics = Metrics(os.path.join(out, "metrics.jsonl"), start_step if args.resume else None)
+
+    train_step = make_train_step(run.graphdef, run.tx, run.schedule, run.mesh, run.param_dims,
+                                 run.param_specs, run.state_shardings, args.nan_at_step)
+    eval_step = make_eval_step(run.graphdef, run.mesh, run.param_dims, run.param_specs)
+    t0 = time.perf_counter()
+    first_batch = run.batch()
+    train_step = train_step.lower(state, first_batch).compile()  # ahead of time: timing excludes it
+    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+
+    def save(step):
+        meta = dict(data=run.batches.state_dict(), flags=run_flags(args), steps=args.steps)
+        checkpoints.save(step, state, meta)
+
+    def validate(step):
+        loss = evaluate(eval_step, state["params"], run)
+        metrics.add(split="val", step=step, loss=loss, bpb=loss / LN2)
+        return loss / LN2
+
+    title = (f"xLSTM {args.preset} ({n_params / 1e6:.2f}M params), {args.seq_len}-byte sequences, "
+             f"batch {args.batch_size}")
+    val_bpb = None
+    if start_step == 0 and stop > 0:
+        val_bpb = validate(0)
+        print(f"step 0: validation {val_bpb:.3f} bits/byte")
+
+    bar = _progress(args, start_step, stop)
+    window, pending, last_saved = [], None, checkpoints.latest_step() if args.resume else None
+    t_window, steps_window = time.perf_counter(), 0
+    step = start_step
+
+    def drain():
+        """Fetch the newest step's metrics (one step behind the device), guard, log."""
+        nonlocal pending, t_window, steps_window
+        if pending is None:
+            return
+        s, m = pending
+        pending = None
+        m = jax.device_get(m)
+        if not m["finite"]:
+            raise TrainingDiverged(
+                f"step {s}: the loss ({m['loss']}) or gradient norm ({m['grad_norm']}) is not "
+                f"finite; stopped without applying the step. The last good checkpoint is "
+                f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpt_dir}; "
+                "continue with --resume and a lower --lr or more --warmup-steps")
+        window.append(float(m["loss"]))
+        steps_window += 1
+        if s % args.log_every == 0 or s == stop:
+            dt = time.perf_counter() - t_window
+            tok_s = steps_window * tokens_per_step / max(dt, 1e-9)
+            loss = float(np.mean(window))
+            metrics.add(split="train", step=s, loss=loss, bpb=loss / LN2, lr=float(m["lr"]),
+                        grad_norm=float(m["grad_norm"]), tokens_per_s=tok_s,
+                        time_s=time.perf_counter() - t_start)
+            bar.set_postfix(loss=f"{loss:.3f}", val_bpb=f"{val_bpb:.3f}" if val_bpb else "-",
+                            tok_s=f"{tok_s:,.0f}")
+            window.clear()
+            t_window, steps_window = time.perf_counter(), 0
+
+    try:
+        while step < stop:
+            tokens = first_batch if first_batch is not None else run.batch()
+            first_batch = None
+            state, m = train_step(state, tokens)
+            step += 1
+            drain()
+            pending = (step, m)
+            bar.update(1)
+            if step % args.eval_every == 0 or step == args.steps or step % args.ckpt_every == 0 \
+                    or step == stop:
+                drain()
+                if step % args.eval_every == 0 or step == args.steps:
+                    val_bpb = validate(step)
+                    bar.write(f"step {step}: validation {val_bpb:.3f} bits/byte")
+                if step % args.ckpt_every == 0 or step == stop:
+                    save(step)
+                    last_saved = step
+                t_window, steps_window = time.perf_counter(), 0  # tokens/s: training time only
+    except KeyboardInterrupt:
+        drain()
+        if step != last_saved:
+            save(step)
+        print(f"\ninterrupted: checkpoint at step {step}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+        checkpoints.close()
+        plot_metrics(metrics, os.path.join(out, "loss.png"), title)
+    drain()
+
+    sample = None
+    if step == args.steps and args.sample_tokens:
+        sample = sample_text(run, state["params"], state["rng"], args)
+        with open(os.path.join(out, "sample.txt"), "w") as fh:
+            fh.write(sample)
+        print("sample:\n" + "-" * 72 + "\n" + sample + "\n" + "-" * 72)
+    val = metrics.split("val")
+    wall = time.perf_counter() - t_start
+    if val:
+        print(f"validation bits/byte: {val[0]['bpb']:.3f} (step {val[0]['step']}) -> "
+              f"{val[-1]['bpb']:.3f} (step {val[-1]['step']}); {wall:.0f} s")
+    if step < args.steps:
+        print(f"stopped at step {step} of {args.steps}; continue with --resume")
+    print(f"wrote {out}/metrics.jsonl, {out}/loss.png, checkpoints in {ckpt_dir}"
+          + (f", {out}/sample.txt" if sample else ""))
+    return dict(step=step, train=metrics.split("train"), val=val, sample=sample, out_dir=out,
+                wall_s=wall)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, lm_data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,150 @@
+"""The Pallas path end to end through `tfla_jax.mlstm` (interpret mode on CPU): the custom_vjp
+composes with jit, grad, vmap, checkpoint, lax.scan over layers and shard_map, and chained calls
+equal one call; every check is against the lax.scan reference."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfla_jax import MLSTMState, mlstm
+from tfla_jax.pallas import TilingConfig
+from tests.utils import assert_close, make_inputs, random_like, rel_err
+
+B, T, H, K, V, L = 2, 40, 2, 16, 32, 16
+NAMES = ["q", "k", "v", "i", "f", "c0", "n0", "m0"]
+
+
+def pallas(*args, **kw):
+    return mlstm(*args, implementation="pallas", interpret=True, chunk_size=L, **kw)
+
+
+def recurrent(*args, **kw):
+    return mlstm(*args, implementation="recurrent", **kw)
+
+
+def _loss(fn, gate="exp"):
+    def loss(args, cot):
+        h, s = fn(*args[:5], initial_state=MLSTMState(*args[5:]), return_state=True,
+                  input_gate=gate)
+        return jnp.sum(h * cot[0]) + jnp.sum(s.c * cot[1]) + jnp.sum(s.n * cot[2])
+    return loss
+
+
+@pytest.fixture(scope="module")
+def data():
+    q, k, v, i, f, s = make_inputs(21, B, T, H, K, V, jnp.float32, with_state=True)
+    cot = random_like(22, (jnp.zeros((B, T, H, V)), s.c, s.n))
+    return (q, k, v, i, f, *s), cot
+
+
+def assert_grads_close(g, g_ref, tol, what):
+    for name, a, b in zip(NAMES, g, g_ref):
+        err = rel_err(a, b)
+        assert np.all(np.isfinite(np.asarray(a))), f"{what} d{name} not finite"
+        assert err <= tol, f"{what} d{name}: relative RMS {err:.2e} > {tol:.0e}"
+
+
+def test_jit_grad_matches_scan(data):
+    args, cot = data
+    g = jax.jit(jax.grad(_loss(pallas)))(args, cot)
+    g_ref = jax.jit(jax.grad(_loss(recurrent)))(args, cot)
+    assert_grads_close(g, g_ref, 1e-4, "jit(grad)")
+
+
+def test_keep_states_equals_recompute(data):
+    args, cot = data
+    keep = functools.partial(pallas, config=TilingConfig.default(K, V, T, jnp.float32)
+                             .with_chunk_size(L).with_keep_states(True))
+    g_keep = jax.jit(jax.grad(_loss(keep)))(args, cot)
+    g = jax.jit(jax.grad(_loss(pallas)))(args, cot)
+    assert_grads_close(g_keep, g, 1e-6, "keep_states")
+
+
+def test_checkpoint_and_vmap(data):
+    args, cot = data
+    g_ref = jax.grad(_loss(recurrent))(args, cot)
+    g_remat = jax.jit(jax.grad(jax.checkpoint(_loss(pallas))))(args, cot)
+    assert_grads_close(g_remat, g_ref, 1e-4, "checkpoint")
+    # vmap over a leading axis of two problems.
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x]), (args, cot))
+    gv = jax.jit(jax.vmap(jax.grad(_loss(pallas))))(*stacked)
+    for j in range(2):
+        one = jax.tree.map(lambda x: x[j], stacked)
+        assert_grads_close([x[j] for x in gv], jax.grad(_loss(recurrent))(*one), 1e-4, f"vmap[{j}]")
+
+
+def test_scan_over_layers(data):
+    args, _ = data
+    q, k, v, i, f = args[:5]
+    w = jax.random.normal(jax.random.key(0), (3, V, V)) / np.sqrt(V)  # 3 layers
+
+    def net(fn, w, q):
+        def layer(x, w_l):  # x: (B, T, H, V) -> values of the next layer
+            h, _ = fn(q, k, x @ w_l, i, f)
+            return h, None
+        out, _ = jax.lax.scan(layer, v, w)
+        return jnp.sum(out ** 2)
+
+    g = jax.jit(jax.grad(functools.partial(net, pallas), argnums=(0, 1)))(w, q)
+    g_ref = jax.jit(jax.grad(functools.partial(net, recurrent), argnums=(0, 1)))(w, q)
+    assert_close(g, g_ref, 1e-4, "scan over layers")
+
+
+@pytest.mark.parametrize("gate", ["exp", "sigmoid"])
+def test_chained_segments_equal_one_call(data, gate):
+    args, cot = data
+    cuts = [0, 7, 23, T]
+
+    def chained(q, k, v, i, f, *, initial_state, return_state, input_gate):
+        st, hs = initial_state, []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            h, st = pallas(q[:, a:b], k[:, a:b], v[:, a:b], i[:, a:b], f[:, a:b],
+                           initial_state=st, return_state=True, input_gate=input_gate)
+            hs.append(h)
+        return jnp.concatenate(hs, axis=1), st
+
+    l1, g1 = jax.jit(jax.value_and_grad(_loss(chained, gate)))(args, cot)
+    l0, g0 = jax.jit(jax.value_and_grad(_loss(pallas, gate)))(args, cot)
+    assert abs(float(l1 - l0)) <= 1e-4 * abs(float(l0))
+    names = NAMES if gate == "exp" else NAMES[:-1]
+    assert_grads_close(g1[:len(names)], g0[:len(names)], 1e-4, f"chained {gate}")
+
+
+_SHARD_MAP_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from tfla_jax import mlstm
+    from tests.utils import make_inputs, rel_err
+    assert len(jax.devices()) == 4, jax.devices()
+    q, k, v, i, f, _ = make_inputs(3, 4, 40, 4, 16, 32, jnp.float32)
+    mesh = jax.make_mesh((2, 2), ("data", "heads"))
+    seq, gate = P("data", None, "heads", None), P("data", None, "heads")
+
+    def loss(fn, q, k, v, i, f):
+        return jnp.sum(fn(q, k, v, i, f) ** 2)
+
+    op = lambda *a: mlstm(*a, implementation="pallas", interpret=True, chunk_size=16)[0]
+    sharded = jax.shard_map(op, mesh=mesh, in_specs=(seq, seq, seq, gate, gate), out_specs=seq)
+    g = jax.jit(jax.grad(lambda *a: loss(sharded, *a), argnums=(0, 1, 2, 3, 4)))(q, k, v, i, f)
+    ref = lambda *a: mlstm(*a, implementation="recurrent")[0]
+    g_ref = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2, 3, 4))(q, k, v, i, f)
+    errs = [rel_err(a, b) for a, b in zip(g, g_ref)]
+    print("errors", errs)
+    assert max(errs) <= 1e-4, errs
+""")
+
+
+def test_shard_map_over_batch_and_heads_on_4_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
