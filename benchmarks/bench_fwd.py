@@ -172,10 +172,9 @@ def run_bench(args, peaks, results):
 STATES_SWEEP = [  # (states_block_k, states_block_v, states_block_kv, warps, stages)
     (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (32, 128, 64, 4, 3),
 ]
-OUTPUT_SWEEP = [  # (block_q, block_kv, block_k, block_v, warps, stages, split diagonal loop)
-    (128, 64, 64, 128, 8, 3, False), (128, 64, 32, 128, 8, 3, False),
-    (128, 64, 64, 128, 8, 4, False), (128, 32, 64, 128, 8, 4, False),
-    (128, 64, 64, 128, 4, 3, False),
+OUTPUT_SWEEP = [  # (block_q, block_kv, block_k, block_v, warps, stages)
+    (128, 64, 64, 128, 8, 3), (128, 64, 32, 128, 8, 3), (128, 32, 64, 128, 8, 3),
+    (128, 64, 256, 128, 8, 2), (64, 64, 256, 256, 8, 2), (64, 64, 64, 128, 4, 3),
 ]
 
 
@@ -215,7 +214,7 @@ def run_tune(args, peaks, results):
             states = [jax.jit(lambda *a: pfwd.chunk_states(*a, config=cfg0, exp_gate=exp_gate,
                                                            **interp))(*x) for x in st_args]
             out_args = [(s[0], s[1], s[2], g[0], g[2], *st) for s, g, st in zip(sets, gts, states)]
-            for bq, bkv, bk, bv, w, stg, split in OUTPUT_SWEEP:
+            for bq, bkv, bk, bv, w, stg in OUTPUT_SWEEP:
                 if bq > L or bkv > L:
                     continue
                 cfg = dataclasses.replace(cfg0, block_q=bq, block_kv=bkv, block_k=bk, block_v=bv,
@@ -223,18 +222,15 @@ def run_tune(args, peaks, results):
                 fn = jax.jit(lambda *a, cfg=cfg: pfwd.chunk_output(
                     *a, config=cfg, exp_gate=exp_gate, normalize=True, scale=K ** -0.5, eps=1e-6,
                     **interp))
-                pfwd.SPLIT_DIAGONAL_LOOP = split  # read when fn is traced (first call in bench)
                 try:
                     t = bench(fn, out_args, reps=10, warmup=2)
                 except Exception as e:  # noqa: BLE001
                     print(f"FAILED output {gate} L={L} {(bq, bkv, bk, bv, w, stg)}: {e!s:.200}")
                     continue
-                finally:
-                    pfwd.SPLIT_DIAGONAL_LOOP = False
                 flop = B * H * T * (L * (K + V) + 2 * K * V)
                 byts = B * H * (T * (2 * K + 2 * V) * 2 + (T // L) * 4 * K * V)
                 r = dict(kernel="chunk_output", gate=gate, chunk=L,
-                         tiling=[bq, bkv, bk, bv, w, stg, split],
+                         tiling=[bq, bkv, bk, bv, w, stg],
                          ms=t * 1e3, tflops=flop / t / 1e12, gbytes=byts / 1e9)
                 print(json.dumps(r), flush=True)
                 results.append(r)
@@ -258,8 +254,7 @@ def best_from_tune(results):
         return {}
     L = min(totals, key=totals.get)
     sbk, sbv, sbkv, sw, sst = best[(L, "chunk_states")]["tiling"]
-    bq, bkv, bk, bv, w, st, split = best[(L, "chunk_output")]["tiling"]
-    pfwd.SPLIT_DIAGONAL_LOOP = bool(split)
+    bq, bkv, bk, bv, w, st = best[(L, "chunk_output")]["tiling"]
     return dict(chunk_size=L, block_q=bq, block_kv=bkv, block_k=bk, block_v=bv, num_warps=w,
                 num_stages=st, states_block_k=sbk, states_block_v=sbv, states_block_kv=sbkv,
                 states_num_warps=sw, states_num_stages=sst)
@@ -277,7 +272,7 @@ def plot(results, path):
     series = {}
     for r in results:
         if r.get("impl") in ("ours", "jax-chunkwise", "cudnn-attention"):
-            label = r["impl"] + ("" if r["gate"] == "-" else f" ({r['gate']})")
+            label = r["impl"] + (f" (H={r['H']}, D=128)" if r["gate"] == "-" else f" ({r['gate']})")
             series.setdefault(label, []).append((r["T"], r["ms"]))
     for label, pts in sorted(series.items()):
         pts.sort()
@@ -286,7 +281,7 @@ def plot(results, path):
     ax.set_yscale("log")
     ax.set_xlabel("T (B*T = 65536)")
     ax.set_ylabel("forward time (ms)")
-    ax.set_title(f"mLSTM forward, H=8 K=256 V=512 bf16; {jax.devices()[0].device_kind}")
+    ax.set_title(f"forward, bf16, mLSTM H=8 K=256 V=512; {jax.devices()[0].device_kind}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -342,15 +337,13 @@ def main():
             dump("tune_fwd.json", results)
         if a.mode == "both":
             a.override = best_from_tune(results)
-            print("tuned override:", json.dumps(a.override),
-                  "split_diagonal_loop:", pfwd.SPLIT_DIAGONAL_LOOP, flush=True)
+            print("tuned override:", json.dumps(a.override), flush=True)
     if a.mode in ("bench", "both"):
         results = []
         try:
             run_bench(a, peaks, results)
         finally:
-            dump("bench_fwd.json", results, override=a.override,
-                 split_diagonal_loop=pfwd.SPLIT_DIAGONAL_LOOP)
+            dump("bench_fwd.json", results, override=a.override)
             plot(results, os.path.join(a.out, "bench_fwd.png"))
             print_table(results)
     print(f"total {time.time() - t0:.0f} s")

@@ -66,7 +66,8 @@ def check_case(key, B, T, H, K, V, dtype, gate, chunk_size, *, extreme=False, co
                   and all(bool(jnp.all(jnp.isfinite(x))) for x in st))
     res = dict(B=B, T=T, H=H, K=K, V=V, dtype=dtype.name, gate=gate, chunk_size=chunk_size,
                extreme=extreme, finite=finite, compile_and_run_s=round(t_kernel, 2),
-               err_h=rel_err(h, h_ref), err_c=rel_err(st.c, st_ref.c), err_n=rel_err(st.n, st_ref.n),
+               err_h=rel_err(h, h_ref), err_c=rel_err(st.c, st_ref.c),
+               err_n=rel_err(st.n, st_ref.n),
                err_m=float(jnp.max(jnp.abs(st.m - st_ref.m))))
     bh, bs = BOUNDS[dtype.name]
     if extreme:
@@ -123,8 +124,9 @@ def main():
                        results=results), fh, indent=1)
     print(f"\n{'gate':8} {'dtype':9} {'L':>5} {'err_h':>9} {'err_c':>9} {'err_n':>9} {'ok':>4}")
     for r in results:
-        print(f"{r['gate']:8} {r['dtype']:9} {r['chunk_size']:5} {r.get('err_h', float('nan')):9.2e} "
-              f"{r.get('err_c', float('nan')):9.2e} {r.get('err_n', float('nan')):9.2e} "
+        nan = float("nan")
+        print(f"{r['gate']:8} {r['dtype']:9} {r['chunk_size']:5} {r.get('err_h', nan):9.2e} "
+              f"{r.get('err_c', nan):9.2e} {r.get('err_n', nan):9.2e} "
               f"{'yes' if r['ok'] else 'NO':>4}" + ("  extreme" if r.get("extreme") else ""))
     n_bad = sum(not r["ok"] for r in results)
     print(f"check_fwd: {len(results) - n_bad}/{len(results)} passed on {dev.device_kind}")

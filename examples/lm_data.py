@@ -27,7 +27,7 @@ DEFAULT_VAL_FRACTION = 0.05
 # Standard-library directories left out: installed packages, test data (deliberately broken or odd
 # files), generated tables.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-              "encodings"}  # encodings: generated codec tables
+              "encodings"}
 
 
 class DataError(ValueError):
@@ -43,8 +43,7 @@ class Corpus:
     description: str
 
     def summary(self) -> str:
-        return (f"{self.description}: {self.train.size / 1e6:.2f} MB train, "
-                f"{self.val.size / 1e6:.2f} MB validation")
+        return f"{self.description}: {self.train.size:,} train bytes, {self.val.size:,} validation bytes"
 
 
 def _is_val(relpath: str, val_fraction: float) -> bool:
@@ -57,6 +56,20 @@ def _pack(docs: list[bytes]) -> np.ndarray:
     if not docs:
         return np.zeros((0,), np.uint8)
     return np.frombuffer(b"".join(d + bytes([EOD]) for d in docs), np.uint8).copy()
+
+
+def _read_utf8(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of a UTF-8 file (a character cut at the limit is dropped).
+    Raises UnicodeDecodeError for bytes that are not UTF-8."""
+    with open(path, "rb") as fh:
+        data = fh.read(limit)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not (len(data) == limit and e.reason == "unexpected end of data"):
+            raise
+        data = data[:e.start]
+    return data
 
 
 def stdlib_root() -> str:
@@ -86,12 +99,10 @@ def load_stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES,
     for rel in relpaths:
         if total >= max_bytes:
             break
-        with open(os.path.join(root, rel), "rb") as fh:
-            data = fh.read(max_bytes - total)
         try:
-            data.decode("utf-8")
+            data = _read_utf8(os.path.join(root, rel), max_bytes - total)
         except UnicodeDecodeError:
-            continue  # a cut in the middle of a multi-byte character, or a legacy encoding
+            continue  # a legacy encoding
         if not data or EOD in data:
             continue
         (val if _is_val(rel, val_fraction) else train).append(data)
@@ -104,7 +115,8 @@ def load_stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES,
 
 
 def _expand(paths: list[str]) -> list[tuple[str, str]]:
-    """Files and directories (walked recursively, hidden entries skipped) -> sorted (path, key)."""
+    """Files and directories (walked recursively; hidden entries and __pycache__ skipped) ->
+    [(path, key)], the key (the path relative to its directory) deciding the file's split."""
     files = []
     for path in paths:
         if not os.path.exists(path):
@@ -112,7 +124,8 @@ def _expand(paths: list[str]) -> list[tuple[str, str]]:
         if os.path.isdir(path):
             found = []
             for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                dirnames[:] = sorted(d for d in dirnames
+                                     if not d.startswith(".") and d != "__pycache__")
                 found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
             if not found:
                 raise DataError(f"--data: directory {path!r} holds no files")
@@ -136,19 +149,17 @@ def load_text_files(paths: list[str], max_bytes: int = DEFAULT_MAX_BYTES,
     for path, key in files:
         if total >= max_bytes:
             break
-        with open(path, "rb") as fh:
-            data = fh.read()
-        if not data:
+        if os.path.getsize(path) == 0:
             raise DataError(f"--data: {path!r} is empty")
         try:
-            data.decode("utf-8")
+            data = _read_utf8(path, max_bytes - total)
         except UnicodeDecodeError as e:
             raise DataError(f"--data: {path!r} is not UTF-8 text (undecodable byte "
-                            f"0x{data[e.start]:02x} at offset {e.start}); convert it to UTF-8") from None
+                            f"0x{e.object[e.start]:02x} at offset {e.start}); convert it to "
+                            "UTF-8") from None
         if EOD in data:
             raise DataError(f"--data: {path!r} contains NUL bytes (a binary file?); "
                             "only text files can be used")
-        data = data[:max_bytes - total]
         docs.append((key, data))
         total += len(data)
     desc = f"{len(docs)} file(s) from {', '.join(paths)}"

@@ -1,7 +1,7 @@
 """Train a byte-level xLSTM language model (`tfla_jax.layers.xLSTMLM`) on real text, CPU or GPU.
 
-    python examples/train_lm.py                       # tiny model on the Python stdlib sources (CPU, ~3 min)
-    python examples/train_lm.py --resume              # continue the run in --out-dir exactly
+    python examples/train_lm.py                       # tiny model on the Python stdlib sources (CPU, ~2 min)
+    python examples/train_lm.py --resume              # continue the newest run exactly
     python examples/train_lm.py --data notes.txt src/ # your own UTF-8 text files / directories
     python examples/train_lm.py --preset small --seq-len 1024 --batch-size 64 --steps 5000   # a GPU
 
@@ -15,9 +15,9 @@ One optimizer step (`make_train_step`):
      and the host stops with a message; the last checkpoint (always a finite state) stays.
 Parameters and optimizer state are float32; the model computes in bfloat16 on GPU (--dtype).
 
-Writes into --out-dir (default runs/lm): config.json, metrics.jsonl (train and validation records),
-loss.png (bits per byte), checkpoints/<step>/ (orbax: parameters, optimizer, step, RNG, data
-position) and sample.txt (text generated at the end).
+Each run has a directory (--out-dir; default a new runs/lm/<date-time>) holding config.json,
+metrics.jsonl (train and validation records), loss.png (bits per byte), checkpoints/<step>/ (orbax:
+parameters, optimizer state, step, RNG, data position) and sample.txt (text generated at the end).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from tfla_jax.layers import generate, xLSTMConfig, xLSTMLM  # noqa: E402
 PRESETS = ("tiny", "small", "medium")  # xLSTMConfig presets, here with the 256-byte vocabulary
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both mesh axes; FSDP shards over "fsdp"
 LN2 = math.log(2.0)
+RUNS_DIR = os.path.join("runs", "lm")  # default home of the runs, one directory each
 # Flags whose change makes a resumed run a different run (checked against the checkpoint).
 RUN_DEFINING = ("data", "max_corpus_bytes", "val_fraction", "seq_len", "batch_size", "seed",
                 "preset", "embedding_dim", "num_blocks", "num_heads", "chunk_size", "dtype", "lr",
@@ -68,10 +69,16 @@ class TrainingDiverged(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show defaults, but not the empty ones
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train_lm.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="train_lm.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", metavar="PATH", default=None,
                    help="UTF-8 text files or directories (default: the running Python's stdlib .py "
@@ -102,20 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--remat", action="store_true",
                    help="recompute each block in the backward pass (less activation memory)")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--steps", type=int, default=800, help="optimizer steps of the whole run")
+    g.add_argument("--steps", type=int, default=600, help="optimizer steps of the whole run")
     g.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--warmup-steps", type=int, default=50, help="linear warmup from 0")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW, on matrices only")
     g.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
-    g.add_argument("--b1", type=float, default=0.9)
-    g.add_argument("--b2", type=float, default=0.95)
+    g.add_argument("--b1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--b2", type=float, default=0.95, help="AdamW beta2")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval-every", type=int, default=100, help="validate every this many steps")
-    g.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
+    g.add_argument("--eval-batches", type=int, default=16,
+                   help="validation set size, in batches of --batch-size sequences")
     g.add_argument("--log-every", type=int, default=10, help="metrics record every this many steps")
-    g.add_argument("--out-dir", default="runs/lm", help="metrics, plot, checkpoints and sample")
-    g.add_argument("--ckpt-every", type=int, default=400, help="checkpoint every this many steps")
+    g.add_argument("--out-dir", help="directory of the run's metrics, plot, checkpoints and "
+                   f"sample (default: a new {RUNS_DIR}/<date-time>; with --resume the newest)")
+    g.add_argument("--ckpt-every", type=int, default=300, help="checkpoint every this many steps")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out-dir (exactly)")
@@ -169,6 +178,9 @@ def validate_args(args) -> None:
         raise UsageError("--temperature must be >= 0 and --top-k in [1, 256]")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.mlstm_implementation == "pallas" and jax.default_backend() != "gpu":
+        raise UsageError(f"--mlstm-implementation pallas needs a GPU; this is "
+                         f"{jax.default_backend()!r} (use auto or chunkwise)")
 
 
 def compute_dtype(args):
@@ -186,12 +198,18 @@ def build_config(args) -> xLSTMConfig:
     for name in ("embedding_dim", "num_blocks", "num_heads", "chunk_size"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    preset = getattr(xLSTMConfig, args.preset)
     try:
-        return getattr(xLSTMConfig, args.preset)(**overrides)
-    except ValueError as e:  # e.g. heads that do not divide the q/k or v width
-        flags = {"chunk_size": "--chunk-size", "num_heads": "--num-heads"}
-        hint = " / ".join(f for k, f in flags.items() if k in str(e)) or "the model flags"
-        raise UsageError(f"model config ({hint}): {e}") from None
+        widths = preset(**{**overrides, "num_heads": 1})  # the widths do not depend on the heads
+    except ValueError as e:  # the config's own checks (e.g. a chunk size that is no power of two)
+        raise UsageError(f"model config: {e}") from None
+    heads = overrides.get("num_heads") or preset().num_heads
+    for name, width in (("q/k", widths.qk_dim), ("v", widths.v_dim)):
+        if width % heads:
+            raise UsageError(f"--num-heads {heads} does not divide the mLSTM {name} width {width} "
+                             f"(embedding dim {widths.embedding_dim}); use a divisor of "
+                             f"{math.gcd(widths.qk_dim, widths.v_dim)}")
+    return preset(**overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +325,7 @@ def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_shardings, None))
     def train_step(state, tokens):
         loss, grads = sharded(state["params"], tokens, state["step"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = dict(state, params=optax.apply_updates(state["params"], updates),
                    opt_state=opt_state, step=state["step"] + 1)
@@ -411,7 +429,9 @@ def setup(args) -> Run:
                                 f"sequence (--seq-len {args.seq_len} + 1 bytes)")
     batches = lm_data.PackedBatches(corpus.train, args.seq_len, args.batch_size, args.seed)
     micro = args.batch_size // args.grad_accum
-    val_windows = lm_data.eval_windows(corpus.val, args.seq_len, micro, args.eval_batches)
+    # The validation set: eval_batches x batch_size sequences, run in micro-batches.
+    val_windows = lm_data.eval_windows(corpus.val, args.seq_len, micro,
+                                       args.eval_batches * args.grad_accum)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: xLSTMLM(cfg, rngs=nnx.Rngs(0))))
     abstract_params = nnx.to_pure_dict(abstract)
@@ -460,6 +480,29 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+
+
+def resolve_out_dir(args) -> str:
+    """--out-dir, else a new runs/lm/<date-time> (fresh run) or the newest one (--resume)."""
+    if args.out_dir:
+        return args.out_dir
+    if args.resume:
+        runs = sorted(d for d in (os.listdir(RUNS_DIR) if os.path.isdir(RUNS_DIR) else [])
+                      if _has_checkpoint(os.path.join(RUNS_DIR, d)))  # date-time names sort in time
+        if not runs:
+            raise UsageError(f"--resume: no run with a checkpoint in {RUNS_DIR}/; start a run "
+                             "without --resume, or name one with --out-dir")
+        return os.path.join(RUNS_DIR, runs[-1])
+    base = os.path.join(RUNS_DIR, time.strftime("%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    return path
 
 
 def run_flags(args) -> dict:
@@ -519,11 +562,9 @@ def plot_metrics(metrics: Metrics, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def evaluate(eval_step, params, run: Run) -> float:
-    """Mean validation loss (nats per byte) over the fixed validation windows."""
-    losses = [eval_step(params, jax.device_put(w, NamedSharding(run.mesh, P(BATCH_AXES))))
-              for w in run.val_windows]
-    return float(np.mean(jax.device_get(losses)))
+def evaluate(eval_step, params, val_batches) -> float:
+    """Mean validation loss (nats per byte) over the fixed validation batches."""
+    return float(np.mean(jax.device_get([eval_step(params, batch) for batch in val_batches])))
 
 
 def sample_text(run: Run, params, rng_data, args) -> str:
@@ -559,11 +600,11 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     run = setup(args)
     cfg = run.cfg
-    out = args.out_dir
+    out = resolve_out_dir(args)
     ckpt_dir = os.path.join(out, "checkpoints")
 
     # Resume or start over: decided before compiling anything.
-    has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    has_ckpt = _has_checkpoint(out)
     if args.resume and not has_ckpt:
         raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; start a run without --resume")
     if has_ckpt and not args.resume:
@@ -572,6 +613,8 @@ def main(argv=None) -> dict:
                              "to continue it, --overwrite to start over, or another --out-dir")
         shutil.rmtree(ckpt_dir)
     os.makedirs(out, exist_ok=True)
+    if not args.resume and os.path.exists(os.path.join(out, "sample.txt")):
+        os.remove(os.path.join(out, "sample.txt"))  # a fresh run leaves nothing stale behind
     checkpoints = Checkpoints(ckpt_dir, args.keep_checkpoints)
     start_step = 0
     if args.resume:
@@ -587,6 +630,7 @@ def main(argv=None) -> dict:
 
     n_params = cfg.num_params
     tokens_per_step = args.batch_size * args.seq_len
+    print(f"run directory: {out}")
     print(f"data: {run.corpus.summary()}; {run.batches.windows_per_epoch} sequences of "
           f"{args.seq_len} bytes per epoch")
     print(f"model: preset {args.preset}, d {cfg.embedding_dim}, {cfg.num_blocks} blocks, "
@@ -613,17 +657,21 @@ def main(argv=None) -> dict:
     train_step = make_train_step(run.graphdef, run.tx, run.schedule, run.mesh, run.param_dims,
                                  run.param_specs, run.state_shardings, args.nan_at_step)
     eval_step = make_eval_step(run.graphdef, run.mesh, run.param_dims, run.param_specs)
-    t0 = time.perf_counter()
-    first_batch = run.batch()
-    train_step = train_step.lower(state, first_batch).compile()  # ahead of time: timing excludes it
-    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+    val_batches = [jax.device_put(w, NamedSharding(run.mesh, P(BATCH_AXES)))
+                   for w in run.val_windows]
+    first_batch = None
+    if start_step < stop:
+        t0 = time.perf_counter()
+        first_batch = run.batch()
+        train_step = train_step.lower(state, first_batch).compile()  # ahead of time: not in tok/s
+        print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
 
     def save(step):
         meta = dict(data=run.batches.state_dict(), flags=run_flags(args), steps=args.steps)
         checkpoints.save(step, state, meta)
 
     def validate(step):
-        loss = evaluate(eval_step, state["params"], run)
+        loss = evaluate(eval_step, state["params"], val_batches)
         metrics.add(split="val", step=step, loss=loss, bpb=loss / LN2)
         return loss / LN2
 
@@ -687,10 +735,14 @@ def main(argv=None) -> dict:
                     last_saved = step
                 t_window, steps_window = time.perf_counter(), 0  # tokens/s: training time only
     except KeyboardInterrupt:
-        drain()
-        if step != last_saved:
-            save(step)
-        print(f"\ninterrupted: checkpoint at step {step}; continue with --resume")
+        try:
+            drain()
+            if step != last_saved:
+                save(step)
+            print(f"\ninterrupted: checkpoint at step {step}; continue with --resume")
+        except Exception as e:  # e.g. interrupted inside the step, whose input was donated
+            print(f"\ninterrupted; no checkpoint of step {step} ({e}); the newest is "
+                  f"{last_saved} in {ckpt_dir}")
         raise
     finally:
         bar.close()

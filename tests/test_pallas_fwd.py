@@ -19,6 +19,9 @@ from tfla_jax import ref
 from tfla_jax.pallas import TilingConfig, mlstm_fwd, mlstm_pallas
 from tfla_jax.state import MLSTMState
 
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
 
 
@@ -139,8 +142,9 @@ def test_sigmoid_unnormalized():
     check_against_recurrent(args, state, input_gate="sigmoid", normalize=False)
 
 
-@pytest.mark.parametrize("dtype,gate", [(jnp.bfloat16, "exp"), (jnp.bfloat16, "sigmoid"),
-                                        (jnp.float16, "exp")], ids=["bf16-exp", "bf16-sig", "fp16-exp"])
+@pytest.mark.parametrize("dtype,gate",
+                         [(jnp.bfloat16, "exp"), (jnp.bfloat16, "sigmoid"), (jnp.float16, "exp")],
+                         ids=["bf16-exp", "bf16-sig", "fp16-exp"])
 def test_low_precision(dtype, gate):
     args, state = make_inputs(13, 2, 70, 2, 32, 64, dtype, initial_state=True)
     check_against_recurrent(args, state, input_gate=gate, dtype=dtype, chunk_size=32)

@@ -81,32 +81,42 @@ class BwdTilingConfig:
     block_v: int = 64
     block_k_out: int | None = None
     num_warps: int = 8
-    num_stages: int = 3
-    block_k: int = 128
+    num_stages: int = 4
+    block_k: int = 256
     block_v_out: int | None = 256
     block_q_dv: int | None = None
     block_kv_dv: int | None = None
     num_warps_dv: int = 8
     num_stages_dv: int = 2
     block_k_state: int = 64
-    block_v_state: int = 64
+    block_v_state: int = 128
     block_t_state: int = 64
     num_warps_state: int = 4
-    num_stages_state: int = 2
+    num_stages_state: int = 3
 
     @classmethod
     def get_default(cls, chunk_size: int = 256, dk: int | None = None, dv: int | None = None,
                     dtype=None) -> "BwdTilingConfig":
-        """Defaults for a chunk size, head dims and input dtype (benchmarks/NOTES_bwd.md)."""
+        """Defaults for a chunk size, head dims and input dtype.
+
+        bf16: the fastest measured tiling per kernel on an H100 at K=256, V=512, L=256
+        (benchmarks/NOTES_bwd.md). float16 keeps states in float32 for its matmuls and float32
+        uses float32 operands, so both take smaller tiles / fewer stages to fit shared memory.
+        """
         kp = _pow2_at_least_16(dk) if dk else 256
         vp = _pow2_at_least_16(dv) if dv else 512
-        if dtype is not None and jnp.dtype(dtype).itemsize >= 4:
-            # float32: smaller tiles so that the pipelined loads fit in shared memory.
+        dtype = jnp.dtype(jnp.bfloat16 if dtype is None else dtype)
+        if dtype.itemsize >= 4:
             return cls(chunk_size=chunk_size, block_k_out=64, num_stages=2, block_k=64,
-                       block_v_out=64, num_warps_dv=4, block_t_state=32)
+                       block_v_out=64, num_warps_dv=4, block_v_state=64, block_t_state=32,
+                       num_stages_state=2)
         small = max(kp, vp) <= 64
-        return cls(chunk_size=chunk_size, num_warps=4 if small else 8,
-                   num_warps_dv=4 if small else 8)
+        warps = 4 if small else 8
+        if dtype == jnp.float16:
+            return cls(chunk_size=chunk_size, block_k_out=128, num_warps=warps, num_stages=2,
+                       block_k=64, block_v_out=128, num_warps_dv=warps, num_stages_state=2)
+        return cls(chunk_size=chunk_size, num_warps=warps, num_warps_dv=warps,
+                   num_stages=4 if kp <= 256 else 2)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -180,19 +190,22 @@ def _chunk_states_kernel(k_ref, v_ref, w_ref, decay_ref, c0_ref, n0_ref, c_ref, 
     c_last_ref[...] = c
 
 
-def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, dct_ref, dnt_ref, dc_ref,
-                        dn_ref, dc_first_ref, *, chunk, block_t, num_chunks, inter_dtype,
-                        precision):
+def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, c_ref, dct_ref, dnt_ref,
+                        dc_ref, dn_ref, dc_first_ref, zc_ref, *, chunk, block_t, num_chunks,
+                        inter_dtype, precision):
     """dC_c = decay_c dC_{c+1} + (wq q_c)^T dh_c, dn_c = decay_c dn_{c+1} + sum wd q_c (reverse).
 
     q_ref [T, bk], dh_ref [T, bv], wq_ref/wd_ref [T] (scale w_inter / (N + eps), scale w_inter
-    dden), decay_ref [NC], dct_ref [bk, bv], dnt_ref [bk]; out dc_ref [NC+1, bk, bv] (matmul
-    dtype), dn_ref [NC+1, bk] (written by V tile 0 only), dc_first_ref [bk, bv] (dC_0, float32).
+    dden), decay_ref [NC], c_ref [NC+1, bk, bv] (the states), dct_ref [bk, bv], dnt_ref [bk];
+    out dc_ref [NC+1, bk, bv] (matmul dtype), dn_ref [NC+1, bk] (written by V tile 0 only),
+    dc_first_ref [bk, bv] (dC_0, float32), zc_ref [NC+1] (this tile's part of <C_c, dC_c>, from
+    the float32 dC: the cross-chunk part of the forget-gate gradient).
     """
     first_v_tile = pl.program_id(1) == 0
     dc = dct_ref[...].astype(_F32)
     dn = dnt_ref[...].astype(_F32)
     dc_ref[num_chunks] = dc.astype(dc_ref.dtype)
+    zc_ref[num_chunks] = jnp.sum(c_ref[num_chunks].astype(_F32) * dc)
 
     @pl.when(first_v_tile)
     def _():
@@ -214,6 +227,7 @@ def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, dct_ref, dnt_r
 
         dc, dn = lax.fori_loop(0, chunk // block_t, rows_body, (dc, dn))
         dc_ref[t] = dc.astype(dc_ref.dtype)
+        zc_ref[t] = jnp.sum(c_ref[t].astype(_F32) * dc)
 
         @pl.when(first_v_tile)
         def _():
@@ -446,10 +460,11 @@ def chunk_states(k, v, w_state, decay, c0, n0, *, chunk, block_k, block_v, block
     )(k, v, w_state, decay, c0, n0)
 
 
-def state_grads(q, dh, wq, wd, decay, dc_t, dn_t, *, chunk, block_k, block_v, block_t,
+def state_grads(q, dh, wq, wd, decay, c_states, dc_t, dn_t, *, chunk, block_k, block_v, block_t,
                 num_warps, num_stages, interpret):
     """Cotangents of every chunk-boundary state: dC (B,H,NC+1,K,V) in the matmul dtype,
-    dn (B,H,NC+1,K) float32, and dC_0 (B,H,K,V) in float32."""
+    dn (B,H,NC+1,K) float32, dC_0 (B,H,K,V) float32, and per (K tile, V tile) the partial
+    inner products <C_c, dC_c> (B,H,K/block_k,V/block_v,NC+1) float32."""
     B, T, H, K = q.shape
     V = dh.shape[-1]
     NC = T // chunk
@@ -466,6 +481,8 @@ def state_grads(q, dh, wq, wd, decay, dc_t, dn_t, *, chunk, block_k, block_v, bl
             pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
             pl.BlockSpec((None, None, T), lambda kt, vt, b, h: (b, h, 0)),
             pl.BlockSpec((None, None, NC), lambda kt, vt, b, h: (b, h, 0)),
+            pl.BlockSpec((None, None, NC + 1, block_k, block_v),
+                         lambda kt, vt, b, h: (b, h, 0, kt, vt)),
             tile,
             pl.BlockSpec((None, None, block_k), lambda kt, vt, b, h: (b, h, kt)),
         ],
@@ -474,14 +491,16 @@ def state_grads(q, dh, wq, wd, decay, dc_t, dn_t, *, chunk, block_k, block_v, bl
                          lambda kt, vt, b, h: (b, h, 0, kt, vt)),
             pl.BlockSpec((None, None, NC + 1, block_k), lambda kt, vt, b, h: (b, h, 0, kt)),
             tile,
+            pl.BlockSpec((None, None, None, None, NC + 1), lambda kt, vt, b, h: (b, h, kt, vt, 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _inter_dtype(q.dtype)),
                    jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32),
-                   jax.ShapeDtypeStruct((B, H, K, V), _F32)],
+                   jax.ShapeDtypeStruct((B, H, K, V), _F32),
+                   jax.ShapeDtypeStruct((B, H, K // block_k, V // block_v, NC + 1), _F32)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_state_grads",
-    )(q, dh, wq, wd, decay, dc_t, dn_t)
+    )(q, dh, wq, wd, decay, c_states, dc_t, dn_t)
 
 
 def intra_chunk_dq(q, k, v, dh, b, m_row, inv_n, dden, w_inter, logi, c_states, n_states, *,
@@ -745,14 +764,14 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input
             kp, vp, w_state, decay, _pad_last2(c0, Kp, Vp), _pad_last(n0, Kp), chunk=L,
             **state_tiles)
     else:
-        c_states = _pad_last2(states[0].astype(_F32), Kp, Vp)
+        c_final = _pad_last2(states[0][:, :, NC].astype(_F32), Kp, Vp)
+        c_states = _pad_last2(states[0].astype(_inter_dtype(q.dtype)), Kp, Vp)
         n_states = _pad_last(states[1].astype(_F32), Kp)
-        c_final = c_states[:, :, NC]
 
     # Reverse recurrence for the state cotangents.
-    dc_states, dn_states, dc_first = state_grads(
-        qp, dhp, scale * w_inter * inv_n, scale * w_inter * dden, decay, dc_Tp, dn_Tp, chunk=L,
-        **state_tiles)
+    dc_states, dn_states, dc_first, zc = state_grads(
+        qp, dhp, scale * w_inter * inv_n, scale * w_inter * dden, decay, c_states, dc_Tp, dn_Tp,
+        chunk=L, **state_tiles)
 
     common = dict(chunk=L, scale=scale, interpret=interpret)
     dq, qdq = intra_chunk_dq(qp, kp, vp, dhp, b, m_row, inv_n, dden, w_inter, logi, c_states,
@@ -768,11 +787,20 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input
                         block_v_out=block_v_out, num_warps=cfg.num_warps_dv,
                         num_stages=cfg.num_stages_dv, **common)
 
-    # Gate gradients: d log i = k . dk, d F = reverse cumsum of (q . dq - k . dk) + Z.
+    # Gate gradients: d log i = k . dk and d F_t = sum_{t' >= t} (q . dq - k . dk)_t' + Z.
+    # Summed over a whole chunk, q . dq - k . dk telescopes to <C_c, dC_c> - <C_{c+1}, dC_{c+1}>
+    # (n terms alike; the intra-chunk parts cancel exactly), so for t in chunk c
+    #     d F_t = (reverse cumsum of q . dq - k . dk inside chunk c)_t + <C_{c+1}, dC_{c+1}>
+    #             + <n_{c+1}, dn_{c+1}>,
+    # with the boundary terms from the float32 state cotangents: the same value as the reverse
+    # cumsum over the whole sequence, without summing T cancelling terms.
     qdq, kdk = jnp.sum(qdq, axis=2), jnp.sum(kdk, axis=2)                # (B, H, T)
     z = (jnp.sum(dc_Tp * c_final, axis=(-2, -1))
-         + jnp.sum(dn_Tp * n_states[:, :, NC], axis=-1))                  # (B, H)
-    dF = lax.cumsum(qdq - kdk, axis=2, reverse=True) + z[..., None]
+         + jnp.sum(dn_Tp * n_states[:, :, NC], axis=-1))                  # (B, H) = Z
+    zc = jnp.sum(zc, axis=(2, 3)) + jnp.sum(n_states * dn_states, axis=-1)  # (B, H, NC+1)
+    zc = zc.at[..., NC].set(z)
+    dF = (lax.cumsum(per_chunk(qdq - kdk), axis=3, reverse=True)
+          + zc[..., 1:, None]).reshape(B, H, T)
     df = dF * jax.nn.sigmoid(-_rows(f))
     di = kdk if exp_gate else kdk * jax.nn.sigmoid(-_rows(i))
 

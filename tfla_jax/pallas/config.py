@@ -108,21 +108,26 @@ class TilingConfig:
         if chunk_size is None:
             chunk_size = max(MIN_BLOCK, min(256, _next_pow2(T)))
         L = chunk_size
-        if itemsize <= 2 and L >= 128:
-            # Measured best on an H100 at B=8 T=8192 H=8 K=256 V=512 bf16, L=256.
+        # The chunk-state kernel with 3 stages asks for 264 KB of shared memory at L <= 64 on the
+        # H100 (232 KB available; 2 stages ran there); 3 stages are fastest at L >= 128.
+        states_stages = 3 if L >= 128 else 2
+        if jnp.dtype(dtype) == jnp.bfloat16:
+            # Measured best on an H100 at B=8 T=8192 H=8 K=256 V=512 bf16, L=256 (NOTES.md);
+            # at L=64 (block_q clamped to 64) this ran correctly with 2 states stages.
             cfg = cls(chunk_size=L, block_q=128, block_kv=64, block_k=64, block_v=128,
                       num_warps=8, num_stages=3,
                       states_block_k=64, states_block_v=128, states_block_kv=64,
-                      states_num_warps=4, states_num_stages=3)
-        elif itemsize <= 2:
-            # Chunks of <= 64 rows: one 64-row query tile and 4 warps (8 warps with 3 stages
-            # overflowed shared memory at L=64 on the H100).
-            cfg = cls(chunk_size=L, block_q=64, block_kv=64, block_k=64, block_v=128,
-                      num_warps=4, num_stages=3,
+                      states_num_warps=4, states_num_stages=states_stages)
+        elif itemsize == 2:
+            # fp16: q C_{k-1} takes float32 operands (C may exceed fp16's range); the bf16 tiling
+            # asked for 246 KB of shared memory at K=256 V=512. Quarter-size output tiles, 2
+            # stages; not yet measured on the GPU (NOTES.md).
+            cfg = cls(chunk_size=L, block_q=64, block_kv=64, block_k=64, block_v=64,
+                      num_warps=4, num_stages=2,
                       states_block_k=64, states_block_v=128, states_block_kv=64,
-                      states_num_warps=4, states_num_stages=3)
+                      states_num_warps=4, states_num_stages=states_stages)
         else:
-            # float32 operands (full-precision dots, no tensor cores): smaller tiles.
+            # float32 operands (full-precision dots, no tensor cores): small tiles.
             cfg = cls(chunk_size=L, block_q=64, block_kv=64, block_k=64, block_v=64,
                       num_warps=4, num_stages=2,
                       states_block_k=64, states_block_v=64, states_block_kv=64,

@@ -2,7 +2,7 @@
 
 Between XLA and the kernels (all float32, per (b, h), chunk k of length L, local index tau):
     F = logsig(f~), log i = i~ (exp) or logsig(i~) (sigmoid)
-    b_tau = sum_{s<=tau} F_s,  g = b_L,  a_tau = sum_{s>tau} F_s + log i_tau   (XLA, in-chunk cumsums)
+    b_tau = sum_{s<=tau} F_s,  g = b_L,  a_tau = sum_{s>tau} F_s + log i_tau  (XLA, in-chunk sums)
     u_s   = log i_s - b_s        so that  D~_{tau,s} = b_tau - b_s + log i_s = b_tau + u_s
 Chunk-state kernel (sequential over chunks, parallel over (b, h) and tiles of C):
     m_k = max(g + m_{k-1}, max_tau a_tau)                         (exp; m = 0 for sigmoid)
@@ -13,8 +13,8 @@ Output kernel (parallel over V tiles, query tiles, chunks, (b, h)):
     so each program takes the exact row max from one pass over the chunk's u (no online
     rescaling of the accumulators is needed; this is the value FlashAttention's running max
     converges to). With mu_tau = m_tau - b_tau:
-      num_tau = e^{m_{k-1} - mu_tau} q^_tau C_{k-1} + sum_{s<=tau} (q^_tau . k_s) e^{u_s - mu_tau} v_s
-      den_tau = e^{m_{k-1} - mu_tau} q^_tau . n_{k-1} + sum_{s<=tau} (q^_tau . k_s) e^{u_s - mu_tau}
+      num_tau = e^{m_{k-1}-mu_tau} q^_tau C_{k-1} + sum_{s<=tau} (q^_tau . k_s) e^{u_s-mu_tau} v_s
+      den_tau = e^{m_{k-1}-mu_tau} q^_tau . n_{k-1} + sum_{s<=tau} (q^_tau . k_s) e^{u_s-mu_tau}
       h_tau   = num_tau / (max(|den_tau|, e^{-m_tau}) + eps)
     (sigmoid: m = 0, mu = -b, floor 1). Writes h in (B, T, H, V) and per row den, m (float32).
 q, k, v and h stay in the (B, T, H, D) layout: the BlockSpecs pick (chunk rows, one head).
@@ -37,9 +37,6 @@ from tfla_jax.ref import gates
 from tfla_jax.ref.chunkwise import chunk_gates
 
 _F32 = jnp.float32
-
-# Output kernel loop structure (a trace-time switch, measured in benchmarks/NOTES.md).
-SPLIT_DIAGONAL_LOOP = False
 
 
 def _dot_precision(dtype):
@@ -235,7 +232,7 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, u_ref, c_ref, n_ref, m_ref,
     # q tiles stay on chip for the whole kv loop.
     q_tiles = [q_ref[:, pl.ds(kt * block_k, block_k)] for kt in range(nk)]  # nk x [bq, bk]
 
-    def kv_body(j, carry, masked):
+    def kv_body(j, carry):
         acc, den = carry
         s0 = pl.multiple_of(j * block_kv, block_kv)
         s = None
@@ -245,9 +242,8 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, u_ref, c_ref, n_ref, m_ref,
                                    preferred_element_type=_F32, precision=precision)
             s = part if s is None else s + part                          # [bq, bkv]
         logw = u_ref[pl.ds(s0, block_kv)][None, :] - mu[:, None]          # [bq, bkv], <= 0
-        if masked:
-            cols = s0 + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
-            logw = jnp.where(rows >= cols, logw, -jnp.inf)
+        cols = s0 + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+        logw = jnp.where(rows >= cols, logw, -jnp.inf)                      # causal mask
         p = s * (jnp.exp(logw) * scale)
         den = den + jnp.sum(p, axis=1)
         vv = v_ref[pl.ds(s0, block_kv), :]                                  # [bkv, bv]
@@ -255,14 +251,11 @@ def _chunk_output_kernel(q_ref, k_ref, v_ref, b_ref, u_ref, c_ref, n_ref, m_ref,
                             precision=precision)
         return acc, den
 
-    n_end = (r0 + block_q + block_kv - 1) // block_kv   # kv tiles up to the causal diagonal
-    if SPLIT_DIAGONAL_LOOP:  # unmasked tiles left of the first row, then the diagonal tiles
-        n_full = r0 // block_kv
-        acc, den = lax.fori_loop(0, n_full, functools.partial(kv_body, masked=False), (acc, den))
-        acc, den = lax.fori_loop(n_full, n_end, functools.partial(kv_body, masked=True),
-                                 (acc, den))
-    else:  # one loop, mask everywhere: longer loops pipeline better (chunks have few tiles)
-        acc, den = lax.fori_loop(0, n_end, functools.partial(kv_body, masked=True), (acc, den))
+    # kv tiles up to the causal diagonal, in one loop with the mask applied everywhere: chunks
+    # hold few tiles, and one longer loop pipelines better than an unmasked loop plus a
+    # diagonal loop (measured, benchmarks/NOTES.md).
+    n_end = (r0 + block_q + block_kv - 1) // block_kv
+    acc, den = lax.fori_loop(0, n_end, kv_body, (acc, den))
 
     if normalize:
         acc = acc / (jnp.maximum(jnp.abs(den), floor) + eps)[:, None]
@@ -292,8 +285,9 @@ def chunk_output(q, k, v, b, u, c_states, n_states, m_states, *, config: TilingC
         exp_gate=exp_gate, normalize=normalize, scale=scale, eps=eps,
         precision=_dot_precision(q.dtype), inter_dtype=_inter_dtype(q.dtype))
     bh = lambda z: (z // H, z % H)  # noqa: E731  grid index -> (b, h)
+    rows = lambda vi, qi, c, z, d: (bh(z)[0], c * nq + qi, bh(z)[1], d)  # noqa: E731 (B,T,H,D)
     in_specs = [
-        pl.BlockSpec((None, bq, None, K), lambda vi, qi, c, z: (bh(z)[0], c * nq + qi, bh(z)[1], 0)),
+        pl.BlockSpec((None, bq, None, K), lambda vi, qi, c, z: rows(vi, qi, c, z, 0)),
         pl.BlockSpec((None, L, None, K), lambda vi, qi, c, z: (bh(z)[0], c, bh(z)[1], 0)),
         pl.BlockSpec((None, L, None, bv), lambda vi, qi, c, z: (bh(z)[0], c, bh(z)[1], vi)),
         pl.BlockSpec((None, None, bq), lambda vi, qi, c, z: (*bh(z), c * nq + qi)),
@@ -303,7 +297,7 @@ def chunk_output(q, k, v, b, u, c_states, n_states, m_states, *, config: TilingC
         pl.BlockSpec((None, None, None), lambda vi, qi, c, z: (*bh(z), c)),
     ]
     out_specs = [
-        pl.BlockSpec((None, bq, None, bv), lambda vi, qi, c, z: (bh(z)[0], c * nq + qi, bh(z)[1], vi)),
+        pl.BlockSpec((None, bq, None, bv), lambda vi, qi, c, z: rows(vi, qi, c, z, vi)),
         pl.BlockSpec((None, None, bq), lambda vi, qi, c, z: (*bh(z), c * nq + qi)),
         pl.BlockSpec((None, None, bq), lambda vi, qi, c, z: (*bh(z), c * nq + qi)),
     ]

@@ -1,0 +1,146 @@
+"""End-to-end training throughput of the example LM (examples/train_lm.py) on a GPU.
+
+Builds the exact train step of examples/train_lm.py (shard_map'd forward + backward, optax AdamW,
+bf16 compute with float32 parameters, the NaN guard) for each preset and mLSTM implementation,
+feeds it real batches of the default corpus, and after compilation and warm-up times --steps steps.
+Reports tokens/s and model FLOP utilisation (MFU):
+
+    MFU = tokens/s * flops_per_token / peak,   flops_per_token = 6 N + 3 * blocks * H * (4 K V + L (K + V))
+
+N: parameters without the embedding table (the table is a lookup, not a matmul); the second term is
+the mLSTM cell (train_lm.model_flops_per_token: chunk states k v^T and read-out q C, 4 K V per token
+and head forward, plus the causal, attention-like q k^T and (q k^T) v inside chunks of length L,
+L (K + V)); backward counted as twice the forward. peak: 800 TFLOP/s by default, the dense bf16
+matrix-product rate measured on the H100 / H200 machines (--peak-tflops to change).
+
+    PYTHONPATH=. python benchmarks/bench_train.py                      # small + medium, pallas + chunkwise
+    PYTHONPATH=. python benchmarks/bench_train.py --presets small --implementations pallas --steps 50
+
+Prints one JSON line per configuration and writes them all to $OUT/bench_train.json (or --out).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "examples"))
+import train_lm  # noqa: E402
+from tfla_jax import ops  # noqa: E402
+
+# Per preset: (sequences per step, sequence length); about 64K / 32K tokens per step.
+SHAPES = {"tiny": (16, 256), "small": (32, 2048), "medium": (16, 2048)}
+
+
+def chunk_size_used(cfg, impl: str, seq_len: int) -> int:
+    """The chunk length L the implementation runs with (for the FLOP count)."""
+    if cfg.chunk_size:
+        return cfg.chunk_size
+    if impl == "pallas":
+        from tfla_jax.pallas.config import TilingConfig
+        return min(TilingConfig().chunk_size, ops._next_pow2(seq_len))
+    return min(ops.DEFAULT_CHUNK_SIZE_XLA, ops._next_pow2(seq_len))
+
+
+def bench_one(preset, impl, args):
+    batch, seq_len = SHAPES[preset]
+    batch, seq_len = args.batch_size or batch, args.seq_len or seq_len
+    flags = ["--preset", preset, "--mlstm-implementation", impl, "--batch-size", str(batch),
+             "--seq-len", str(seq_len), "--grad-accum", str(args.grad_accum),
+             "--steps", str(args.warmup + args.steps), "--warmup-steps", "2",
+             "--max-corpus-bytes", "8000000", "--out-dir", "/tmp/bench_train_unused"]
+    if args.remat:
+        flags.append("--remat")
+    if args.dtype:
+        flags += ["--dtype", args.dtype]
+    run = train_lm.setup(train_lm.build_parser().parse_args(flags))
+    cfg = run.cfg
+    state = run.init_state()
+    step_fn = train_lm.make_train_step(run.graphdef, run.tx, run.schedule, run.mesh,
+                                       run.param_dims, run.param_specs, run.state_shardings)
+    t0 = time.perf_counter()
+    step_fn = step_fn.lower(state, run.batch()).compile()
+    compile_s = time.perf_counter() - t0
+    losses = []
+    for _ in range(args.warmup):
+        state, m = step_fn(state, run.batch())
+        losses.append(m["loss"])
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, m = step_fn(state, run.batch())
+        losses.append(m["loss"])
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    losses = [float(x) for x in jax.device_get(losses)]
+    tokens_per_s = args.steps * batch * seq_len / seconds
+    L = chunk_size_used(cfg, impl, seq_len)
+    flops_per_token = train_lm.model_flops_per_token(cfg, L)
+    mem = jax.devices()[0].memory_stats() or {}
+    return dict(
+        device=jax.devices()[0].device_kind, num_devices=run.mesh.size, preset=preset,
+        implementation=impl, dtype=cfg.dtype.name, params_m=cfg.num_params / 1e6,
+        d=cfg.embedding_dim, blocks=cfg.num_blocks, heads=cfg.num_heads, K=cfg.qk_head_dim,
+        V=cfg.v_head_dim, chunk=L, batch=batch, seq_len=seq_len, grad_accum=args.grad_accum,
+        remat=args.remat, steps_timed=args.steps, compile_s=compile_s,
+        step_ms=seconds / args.steps * 1e3, tokens_per_s=tokens_per_s,
+        flops_per_token=flops_per_token, model_tflops=tokens_per_s * flops_per_token / 1e12,
+        mfu=tokens_per_s * flops_per_token / (args.peak_tflops * 1e12),
+        peak_tflops=args.peak_tflops, loss_first=losses[0], loss_last=losses[-1],
+        losses_finite=bool(np.all(np.isfinite(losses))),
+        peak_mem_gb=mem.get("peak_bytes_in_use", 0) / 1e9 or None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="small,medium")
+    p.add_argument("--implementations", default="pallas,chunkwise",
+                   help="comma-separated tfla_jax.mlstm implementations")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    p.add_argument("--batch-size", type=int, help="override the per-preset batch")
+    p.add_argument("--seq-len", type=int, help="override the per-preset sequence length")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: train_lm's auto")
+    p.add_argument("--peak-tflops", type=float, default=800.0)
+    p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on CPU")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_train.json")
+    args = p.parse_args(argv)
+    if jax.default_backend() != "gpu" and not args.allow_cpu:
+        sys.exit(f"bench_train.py measures GPU training; the backend is {jax.default_backend()!r} "
+                 "(--allow-cpu to smoke-test)")
+    print(f"devices: {jax.devices()}", flush=True)
+    results = []
+    for preset in args.presets.split(","):
+        for impl in args.implementations.split(","):
+            try:
+                r = bench_one(preset, impl, args)
+            except Exception as e:  # noqa: BLE001 - record (e.g. out of memory) and go on
+                traceback.print_exc()
+                r = dict(preset=preset, implementation=impl, error=f"{type(e).__name__}: {e}"[:2000])
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            if args.out:  # after every configuration: a later failure keeps the earlier rows
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
+                    json.dump(results, fh, indent=1)
+    for r in results:
+        if "error" in r:
+            print(f"{r['preset']:>7} {r['implementation']:>10}: {r['error'][:120]}")
+        else:
+            print(f"{r['preset']:>7} {r['implementation']:>10}: {r['tokens_per_s']:>12,.0f} tokens/s "
+                  f"{r['step_ms']:8.1f} ms/step  MFU {r['mfu']:6.1%}  "
+                  f"({r['model_tflops']:.1f} TFLOP/s, {r['params_m']:.1f}M params, "
+                  f"{r['batch']}x{r['seq_len']}, compile {r['compile_s']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

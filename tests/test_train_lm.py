@@ -1,0 +1,210 @@
+"""examples/train_lm.py: a short run end to end, exact resume, NaN guard, the sharded run, bad input.
+
+Every run uses the tiny preset on a small slice of the default corpus (the stdlib sources) with
+short sequences, so each in-process `main` call costs one compilation (a few seconds on CPU).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import lm_data  # noqa: E402
+import train_lm  # noqa: E402
+
+FAST = ["--preset", "tiny", "--max-corpus-bytes", "300000", "--batch-size", "8", "--seq-len", "32",
+        "--eval-batches", "2", "--log-every", "1", "--no-progress"]
+STEPS = 8
+
+
+def _run(out_dir, *extra):
+    return train_lm.main(FAST + ["--out-dir", str(out_dir), *extra])
+
+
+def _losses(records):
+    return {r["step"]: r["loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted 8-step run with a progress bar and a sample: the reference trajectory."""
+    out = tmp_path_factory.mktemp("full")
+    extra = ["--steps", str(STEPS), "--eval-every", "4", "--sample-tokens", "16"]
+    summary = train_lm.main([a for a in FAST if a != "--no-progress"]
+                            + ["--out-dir", str(out), *extra])
+    return out, summary
+
+
+def test_short_run_trains_evaluates_and_writes_its_files(full_run):
+    out, summary = full_run
+    assert summary["step"] == STEPS
+    train_steps = [r["step"] for r in summary["train"]]
+    assert train_steps == list(range(1, STEPS + 1))
+    assert [r["step"] for r in summary["val"]] == [0, 4, 8]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in summary["train"])
+    # Bits per byte start near log2(256) = 8 and fall.
+    assert 7.0 < summary["val"][0]["bpb"] < 9.0
+    assert summary["val"][-1]["bpb"] < summary["val"][0]["bpb"] - 0.1
+
+    with open(out / "metrics.jsonl") as fh:
+        records = [json.loads(line) for line in fh]
+    assert [r for r in records if r["split"] == "train"] == summary["train"]
+    assert [r for r in records if r["split"] == "val"] == summary["val"]
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert (out / "sample.txt").read_text() == summary["sample"]
+    assert summary["sample"].startswith("def ")
+    assert sorted(os.listdir(out / "checkpoints")) == [str(STEPS)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["vocab_size"] == 256 and config["flags"]["steps"] == STEPS
+
+
+def test_resume_continues_exactly(full_run, tmp_path):
+    _, full = full_run
+    first = _run(tmp_path, "--steps", str(STEPS), "--eval-every", "4", "--sample-tokens", "0",
+                 "--stop-at", "3")
+    assert first["step"] == 3 and os.listdir(tmp_path / "checkpoints") == ["3"]
+    second = _run(tmp_path, "--steps", str(STEPS), "--eval-every", "4", "--sample-tokens", "0",
+                  "--resume")
+    assert second["step"] == STEPS
+    # The resumed run's metrics file holds the whole run, and every loss matches the full run.
+    want, got = _losses(full["train"]), _losses(second["train"])
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in second["val"]],
+                               [r["loss"] for r in full["val"]], rtol=1e-6, atol=1e-6)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no --out-dir: the run gets a new runs/lm/<date-time>
+    with pytest.raises(train_lm.TrainingDiverged, match=r"step 3: .*not finite.*step 2"):
+        train_lm.main(FAST + ["--steps", "6", "--nan-at-step", "3", "--ckpt-every", "2",
+                              "--eval-every", "100", "--sample-tokens", "0"])
+    (run_dir,) = (tmp_path / "runs" / "lm").iterdir()
+    assert os.listdir(run_dir / "checkpoints") == ["2"]
+    with open(run_dir / "metrics.jsonl") as fh:
+        train = [r for r in map(json.loads, fh) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
+    assert (run_dir / "loss.png").exists()
+    # --resume without --out-dir finds that run (and would continue from step 2).
+    assert train_lm.resolve_out_dir(train_lm.build_parser().parse_args(["--resume"])) == str(
+        os.path.join("runs", "lm", run_dir.name))
+
+
+def test_sharded_run_matches_single_device(full_run, tmp_path):
+    """4 simulated CPU devices, data parallel (4 x 1) and data x FSDP (2 x 2, with gradient
+    accumulation), follow the single-device trajectory of `full_run` over its first 4 steps."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {EXAMPLES!r})
+        import jax, train_lm
+        assert jax.device_count() == 4, jax.devices()
+        flags = {FAST!r} + ["--steps", "{STEPS}", "--eval-every", "4", "--stop-at", "4",
+                            "--sample-tokens", "0"]
+        out = {{}}
+        for name, extra in [("dp4", []), ("dp2_fsdp2", ["--fsdp", "2", "--grad-accum", "2"])]:
+            s = train_lm.main(flags + ["--out-dir", {str(tmp_path)!r} + "/" + name] + extra)
+            out[name] = dict(train=s["train"], val=s["val"])
+        print("RESULT" + json.dumps(out))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT")[-1])
+    assert "devices: 4 ({'data': 4, 'fsdp': 1})" in proc.stdout
+    assert "devices: 4 ({'data': 2, 'fsdp': 2})" in proc.stdout
+    _, single = full_run
+    want = [r["loss"] for r in single["train"][:4]] + [r["loss"] for r in single["val"][:2]]
+    for name, got in result.items():
+        assert [r["step"] for r in got["train"]] == [1, 2, 3, 4]
+        got = [r["loss"] for r in got["train"]] + [r["loss"] for r in got["val"]]
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+@pytest.fixture
+def compile_events():
+    """Names of the XLA compilations that happen while a test runs."""
+    events, active = [], [True]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: events.append(name) if active[0] and "backend_compile" in name else None)
+    yield events
+    active[0] = False
+
+
+def _bad_files(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(b"abc\x00\x01\x02def")
+    (tmp_path / "short.txt").write_bytes(b"print('hi')\n")
+    (tmp_path / "emptydir").mkdir()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "{tmp}/missing.txt"], r"missing.txt' does not exist"),
+    (["--data", "{tmp}/empty.txt"], r"empty.txt' is empty"),
+    (["--data", "{tmp}/latin1.txt"], r"latin1.txt' is not UTF-8 text \(undecodable byte 0xe9 at offset 3\)"),
+    (["--data", "{tmp}/binary.txt"], r"binary.txt' contains NUL bytes"),
+    (["--data", "{tmp}/emptydir"], r"emptydir' holds no files"),
+    (["--data", "{tmp}/short.txt"], r"shorter than one sequence"),
+    (["--num-heads", "3"], r"--num-heads 3 does not divide the mLSTM q/k width 32"),
+    (["--preset", "small", "--num-heads", "3"], r"--num-heads 3 does not divide .* width 256"),
+    (["--seq-len", "0"], r"--seq-len: expected an integer >= 1, got 0"),
+    (["--batch-size", "8", "--grad-accum", "3"], r"--batch-size 8 is not divisible by --grad-accum 3"),
+    (["--chunk-size", "24"], r"chunk_size: expected a power-of-two"),
+    (["--devices", "64"], r"--devices 64: only \d+ cpu device"),
+    (["--resume", "--out-dir", "{tmp}/run"], r"--resume: no checkpoint in"),
+    (["--resume"], r"--resume: no run with a checkpoint in runs/lm/"),
+], ids=["missing-path", "empty-file", "undecodable-file", "binary-file", "empty-dir", "too-short",
+        "heads-vs-width", "heads-vs-width-small", "seq-len-0", "accum", "chunk-size", "devices",
+        "resume-nothing", "resume-no-runs"])
+def test_bad_input_fails_clearly_before_compiling(tmp_path, monkeypatch, compile_events, flags,
+                                                  message):
+    _bad_files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    if "--out-dir" not in flags and "--resume" not in flags:
+        flags = flags + ["--out-dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=message):
+        train_lm.main(FAST + [f.format(tmp=tmp_path) for f in flags])
+    assert compile_events == []
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(full_run, compile_events):
+    out, _ = full_run
+    with pytest.raises(train_lm.UsageError, match="already holds a run.*--resume.*--overwrite"):
+        train_lm.main(FAST + ["--out-dir", str(out), "--steps", str(STEPS)])
+    assert compile_events == []
+    with pytest.raises(train_lm.UsageError, match=r"--seq-len 64 \(checkpoint: 32\)"):
+        train_lm.main(FAST + ["--out-dir", str(out), "--steps", str(STEPS), "--resume",
+                              "--seq-len", "64"])
+    assert compile_events == []
+
+
+def test_data_split_and_iterator_position_are_deterministic():
+    a = lm_data.load_stdlib_corpus(200_000)
+    b = lm_data.load_stdlib_corpus(200_000)
+    assert a.train.size > 0 and a.val.size > 0
+    np.testing.assert_array_equal(a.train, b.train)
+    np.testing.assert_array_equal(a.val, b.val)
+    tokens = a.train[:20_000]  # ~1250 windows: 100 batches of 100 cross several epochs
+    it = lm_data.PackedBatches(tokens, seq_len=16, batch_size=100, seed=3)
+    for _ in range(7):
+        next(it)
+    position = it.state_dict()
+    expected = [next(it) for _ in range(100)]  # crosses epoch boundaries
+    assert it.epoch > position["epoch"]
+    again = lm_data.PackedBatches(tokens, seq_len=16, batch_size=100, seed=3)
+    again.load_state_dict(position)
+    for want in expected:
+        np.testing.assert_array_equal(next(again), want)
+    assert expected[0].shape == (100, 17) and expected[0].dtype == np.int32
