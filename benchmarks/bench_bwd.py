@@ -27,7 +27,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tfla_jax.pallas import bwd
 from tfla_jax.pallas.bwd import BwdTilingConfig, mlstm_bwd
@@ -253,7 +252,8 @@ def section_kernels(L, variants):
         run("chunk_states", label, lambda x: bwd.chunk_states(
             x["k"], x["v"], x["w"], x["decay"], x["c0"], x["n0"], **tiles), fl, nb)
         run("state_grads", label, lambda x: bwd.state_grads(
-            x["q"], x["dh"], x["w"], x["dden"], x["decay"], x["c0"], x["n0"], **tiles), fl, nb)
+            x["q"], x["dh"], x["w"], x["dden"], x["decay"], x["cs"], x["c0"], x["n0"], **tiles),
+            fl, nb)
     for bq, bkv, bv, bko, nw, ns in variants["dqdk"]:
         label = f"bq{bq} bkv{bkv} bv{bv} bko{bko} w{nw} s{ns}"
         fl, nb = kernel_costs(B, T, H, K, V, L, bq=bq, bkv=bkv, bko=bko)["dq"]

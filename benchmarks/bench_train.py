@@ -5,7 +5,8 @@ bf16 compute with float32 parameters, the NaN guard) for each preset and mLSTM i
 feeds it real batches of the default corpus, and after compilation and warm-up times --steps steps.
 Reports tokens/s and model FLOP utilisation (MFU):
 
-    MFU = tokens/s * flops_per_token / peak,   flops_per_token = 6 N + 3 * blocks * H * (4 K V + L (K + V))
+    MFU = tokens/s * flops_per_token / peak
+    flops_per_token = 6 N + 3 * num_blocks * H * (4 K V + L (K + V))
 
 N: parameters without the embedding table (the table is a lookup, not a matmul); the second term is
 the mLSTM cell (train_lm.model_flops_per_token: chunk states k v^T and read-out q C, 4 K V per token
@@ -13,7 +14,7 @@ and head forward, plus the causal, attention-like q k^T and (q k^T) v inside chu
 L (K + V)); backward counted as twice the forward. peak: 800 TFLOP/s by default, the dense bf16
 matrix-product rate measured on the H100 / H200 machines (--peak-tflops to change).
 
-    PYTHONPATH=. python benchmarks/bench_train.py                      # small + medium, pallas + chunkwise
+    PYTHONPATH=. python benchmarks/bench_train.py    # small + medium presets, pallas + chunkwise
     PYTHONPATH=. python benchmarks/bench_train.py --presets small --implementations pallas --steps 50
 
 Prints one JSON line per configuration and writes them all to $OUT/bench_train.json (or --out).

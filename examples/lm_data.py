@@ -2,7 +2,7 @@
 
     corpus   = load_stdlib_corpus()            # or load_text_files(["notes.txt", "src/"])
     batches  = PackedBatches(corpus.train, seq_len=128, batch_size=32, seed=0)
-    tokens   = next(batches)                   # (32, 129) int32: inputs tokens[:, :-1], targets [:, 1:]
+    tokens   = next(batches)                   # (32, 129) int32: inputs [:, :-1], targets [:, 1:]
     position = batches.state_dict()            # saved with the checkpoint; load_state_dict() resumes
 
 Tokens are bytes (vocabulary 256). Documents (files) are joined with a NUL byte, which no text file
@@ -43,7 +43,8 @@ class Corpus:
     description: str
 
     def summary(self) -> str:
-        return f"{self.description}: {self.train.size:,} train bytes, {self.val.size:,} validation bytes"
+        return (f"{self.description}: {self.train.size:,} train bytes, "
+                f"{self.val.size:,} validation bytes")
 
 
 def _is_val(relpath: str, val_fraction: float) -> bool:

@@ -1,6 +1,6 @@
 """Train a byte-level xLSTM language model (`tfla_jax.layers.xLSTMLM`) on real text, CPU or GPU.
 
-    python examples/train_lm.py                       # tiny model on the Python stdlib sources (CPU, ~2 min)
+    python examples/train_lm.py                       # tiny model, Python stdlib sources, CPU ~2 min
     python examples/train_lm.py --resume              # continue the newest run exactly
     python examples/train_lm.py --data notes.txt src/ # your own UTF-8 text files / directories
     python examples/train_lm.py --preset small --seq-len 1024 --batch-size 64 --steps 5000   # a GPU
@@ -161,7 +161,8 @@ def validate_args(args) -> None:
     positive("sample_tokens", args.sample_tokens, 0)
     positive("devices", args.devices, 0)
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        raise UsageError(f"--stop-at: expected a step in [1, --steps={args.steps}], got {args.stop_at}")
+        raise UsageError(f"--stop-at: expected a step in [1, --steps={args.steps}], "
+                         f"got {args.stop_at}")
     if args.batch_size % args.grad_accum:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by --grad-accum "
                          f"{args.grad_accum}")

@@ -137,7 +137,7 @@ def compile_events():
     """Names of the XLA compilations that happen while a test runs."""
     events, active = [], [True]
     jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: events.append(name) if active[0] and "backend_compile" in name else None)
+        lambda name, *a, **k: active[0] and "backend_compile" in name and events.append(name))
     yield events
     active[0] = False
 
@@ -153,14 +153,16 @@ def _bad_files(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--data", "{tmp}/missing.txt"], r"missing.txt' does not exist"),
     (["--data", "{tmp}/empty.txt"], r"empty.txt' is empty"),
-    (["--data", "{tmp}/latin1.txt"], r"latin1.txt' is not UTF-8 text \(undecodable byte 0xe9 at offset 3\)"),
+    (["--data", "{tmp}/latin1.txt"],
+     r"latin1.txt' is not UTF-8 text \(undecodable byte 0xe9 at offset 3\)"),
     (["--data", "{tmp}/binary.txt"], r"binary.txt' contains NUL bytes"),
     (["--data", "{tmp}/emptydir"], r"emptydir' holds no files"),
     (["--data", "{tmp}/short.txt"], r"shorter than one sequence"),
     (["--num-heads", "3"], r"--num-heads 3 does not divide the mLSTM q/k width 32"),
     (["--preset", "small", "--num-heads", "3"], r"--num-heads 3 does not divide .* width 256"),
     (["--seq-len", "0"], r"--seq-len: expected an integer >= 1, got 0"),
-    (["--batch-size", "8", "--grad-accum", "3"], r"--batch-size 8 is not divisible by --grad-accum 3"),
+    (["--batch-size", "8", "--grad-accum", "3"],
+     r"--batch-size 8 is not divisible by --grad-accum 3"),
     (["--chunk-size", "24"], r"chunk_size: expected a power-of-two"),
     (["--devices", "64"], r"--devices 64: only \d+ cpu device"),
     (["--resume", "--out-dir", "{tmp}/run"], r"--resume: no checkpoint in"),

@@ -1,9 +1,9 @@
 """TFLA backward: exact mLSTM gradients as Pallas (Triton lowering) kernels (design/mlstm.md §4).
 
-The stabiliser m is held constant (it is `stop_gradient`'ed in the references), so the backward is
-the gradient of the unstabilised function: the normaliser's gradient (dden) is kept and cotangents on
-the final state are honoured. Per (batch, head), chunk c = 0..NC-1 (positions cL .. cL+L-1), state
-index c = the state entering chunk c (0 = initial state, NC = final state):
+The stabiliser m is held constant (it is `stop_gradient`'ed in the references), so the backward
+is the gradient of the unstabilised function: the normaliser's gradient (dden) is kept and
+cotangents on the final state are honoured. Per (batch, head), chunk c = 0..NC-1 (positions
+cL .. cL+L-1), state index c = the state entering chunk c (0 = initial state, NC = final state):
 
     dnum_t  = dh_t / (N_t + eps)                           (dh_t when normalize is off)
     dden_t  = -(dh_t . h_t) / (N_t + eps) * sign(den_t) * [|den_t| > floor_t]
@@ -13,26 +13,35 @@ index c = the state entering chunk c (0 = initial state, NC = final state):
     dq_t    = scale [sum_s dA_ts k_s + w_inter_t (C_c dnum_t + dden_t n_c)]
     dk_s    = scale sum_t dA_ts q_t + w_state_s (dC_{c+1} v_s + dn_{c+1})
     dv_s    = sum_t S_ts dnum_t + w_state_s dC_{c+1}^T k_s,     S = scale (q k^T) * P
-    d f~_t  = (sum_{t' >= t} (q_t'.dq_t' - k_t'.dk_t') + Z) sigmoid(-f~_t),  Z = <dC_T,C_T> + <dn_T,n_T>
+    d f~_t  = (sum_{t' >= t} r_t' + Z) sigmoid(-f~_t),   r = q.dq - k.dk,
+              Z = <dC_T, C_T> + <dn_T, n_T>
+            = (sum_{t' >= t in chunk c} r_t' + <C_{c+1}, dC_{c+1}> + <n_{c+1}, dn_{c+1}>)
+              * sigmoid(-f~_t)
+              (r summed over a whole chunk telescopes to <C_c,dC_c> - <C_{c+1},dC_{c+1}> + n terms;
+              the boundary terms come from the float32 dC in the recurrence kernel, so no sum of
+              T cancelling terms is formed: 4-10x smaller d f~ error in bf16)
     d i~_t  = k_t . dk_t  (exp)      (k_t . dk_t) sigmoid(-i~_t)  (sigmoid)
     dm_0    = <dC_0, C_0> + <dn_0, n_0>  (exp; 0 for sigmoid)
-with w_inter_t = exp(b_t + m_c - m_t), w_state_s = exp(a_s - m_{c+1}), decay_c = exp(g_c + m_c - m_{c+1}).
+with w_inter_t = exp(b_t + m_c - m_t), w_state_s = exp(a_s - m_{c+1}),
+decay_c = exp(g_c + m_c - m_{c+1}).
 
 Kernels (all `pl.pallas_call` with `plt.CompilerParams`):
   _chunk_states_kernel   C_c, n_c at every chunk boundary (recomputed when the forward kept none);
                          sequential over chunks, parallel over (K tile, V tile, batch, head)
-  _state_grads_kernel    dC_c, dn_c by the reverse recurrence above; same grid
+  _state_grads_kernel    dC_c, dn_c by the reverse recurrence above, and <C_c, dC_c>; same grid
   _dq_kernel             dq tiles (query tile x K tile), loops over kv tiles up to the diagonal and
                          over V tiles; inter-chunk term from C_c, n_c; also q . dq per row
   _dk_kernel             dk tiles (kv tile x K tile), loops over query tiles from the diagonal and
                          over V tiles; inter-chunk term from dC_{c+1}, dn_{c+1}; also k . dk per row
   _dv_kernel             dv tiles (kv tile x V tile), loops over query tiles and K tiles
 Gate preprocessing (cumsums, stabilisers, weights), the per-row normaliser terms and the gate
-gradients (a reverse cumsum) are cheap elementwise/scan work and run in XLA.
+gradients (an in-chunk reverse cumsum) are cheap elementwise/scan work and run in XLA.
 
-Precision: float32 for every gate quantity, state, state cotangent and accumulator; matmul operands
-in the input dtype (states and state cotangents are rounded to it for the inter-chunk matmuls);
-float32 inputs use full-precision (IEEE, not TF32) dots.
+Precision: float32 for every gate quantity, accumulator and recurrence carry; matmul operands in
+the input dtype. For bf16 inputs the chunk-boundary states and state cotangents are stored in bf16
+between kernels (they only feed matmuls, which round them to bf16 anyway; dC_0, C_T and the
+<C, dC> terms stay float32); float16 and float32 inputs keep them in float32 (float16 would
+overflow). float32 inputs use full-precision (IEEE, not TF32) dots.
 """
 
 from __future__ import annotations
@@ -871,7 +880,8 @@ def mlstm_fwd_reference(q, k, v, i, f, c0, n0, m0, *, input_gate="exp", normaliz
         m = jnp.maximum(log_inter, jnp.max(log_d, axis=-1))
     else:
         m = jnp.zeros_like(log_inter)
-    s = jnp.einsum("bhctk,bhcsk->bhcts", qc, kc, precision="highest") * jnp.exp(log_d - m[..., None])
+    s = (jnp.einsum("bhctk,bhcsk->bhcts", qc, kc, precision="highest")
+         * jnp.exp(log_d - m[..., None]))
     w_inter = jnp.exp(log_inter - m)
     num = (w_inter[..., None] * jnp.einsum("bhctk,bhckv->bhctv", qc, c_all[:, :, :-1],
                                            precision="highest")
