@@ -55,6 +55,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from tfla_jax.pallas.common import out_struct, pad_last
+
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))   # a @ b.T
 _TN = (((0,), (0,)), ((), ()))   # a.T @ b
@@ -130,20 +132,6 @@ class BwdTilingConfig:
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
-
-
-def _pad_last(x, size):
-    pad = size - x.shape[-1]
-    if pad == 0:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-
-
-def _pad_last2(x, size_a, size_b):
-    pa, pb = size_a - x.shape[-2], size_b - x.shape[-1]
-    if pa == 0 and pb == 0:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pa), (0, pb)])
 
 
 def _check_tile(name, value, limit):
@@ -460,9 +448,9 @@ def chunk_states(k, v, w_state, decay, c0, n0, *, chunk, block_k, block_v, block
             pl.BlockSpec((None, None, NC + 1, block_k), lambda kt, vt, b, h: (b, h, 0, kt)),
             tile,
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _inter_dtype(k.dtype)),
-                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32),
-                   jax.ShapeDtypeStruct((B, H, K, V), _F32)],
+        out_shape=[out_struct((B, H, NC + 1, K, V), _inter_dtype(k.dtype), k),
+                   out_struct((B, H, NC + 1, K), _F32, k),
+                   out_struct((B, H, K, V), _F32, k)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_chunk_states",
@@ -502,10 +490,10 @@ def state_grads(q, dh, wq, wd, decay, c_states, dc_t, dn_t, *, chunk, block_k, b
             tile,
             pl.BlockSpec((None, None, None, None, NC + 1), lambda kt, vt, b, h: (b, h, kt, vt, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _inter_dtype(q.dtype)),
-                   jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32),
-                   jax.ShapeDtypeStruct((B, H, K, V), _F32),
-                   jax.ShapeDtypeStruct((B, H, K // block_k, V // block_v, NC + 1), _F32)],
+        out_shape=[out_struct((B, H, NC + 1, K, V), _inter_dtype(q.dtype), q),
+                   out_struct((B, H, NC + 1, K), _F32, q),
+                   out_struct((B, H, K, V), _F32, q),
+                   out_struct((B, H, K // block_k, V // block_v, NC + 1), _F32, q)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_state_grads",
@@ -548,8 +536,8 @@ def intra_chunk_dq(q, k, v, dh, b, m_row, inv_n, dden, w_inter, logi, c_states, 
             pl.BlockSpec((None, block_q, None, block_k_out), lambda j, kt, b_, h: (b_, j, h, kt)),
             pl.BlockSpec((None, None, None, block_q), lambda j, kt, b_, h: (b_, h, kt, j)),
         ],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, H, K // block_k_out, T), _F32)],
+        out_shape=[out_struct(q.shape, q.dtype, q),
+                   out_struct((B, H, K // block_k_out, T), _F32, q)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_dq",
@@ -592,8 +580,8 @@ def intra_chunk_dk(q, k, v, dh, b, m_row, inv_n, dden, logi, w_state, dc_states,
             pl.BlockSpec((None, block_kv, None, block_k_out), lambda j, kt, b_, h: (b_, j, h, kt)),
             pl.BlockSpec((None, None, None, block_kv), lambda j, kt, b_, h: (b_, h, kt, j)),
         ],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct((B, H, K // block_k_out, T), _F32)],
+        out_shape=[out_struct(k.shape, k.dtype, k),
+                   out_struct((B, H, K // block_k_out, T), _F32, k)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_dk",
@@ -630,7 +618,7 @@ def intra_chunk_dv(q, k, v, dh, b, m_row, inv_n, logi, w_state, dc_states, *, ch
         ],
         out_specs=pl.BlockSpec((None, block_kv, None, block_v_out),
                                lambda j, vt, b_, h: (b_, j, h, vt)),
-        out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
+        out_shape=out_struct(v.shape, v.dtype, v),
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mlstm_bwd_dv",
@@ -737,9 +725,9 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input
     dn_T = jnp.zeros((B, H, K), _F32) if dn_T is None else dn_T.astype(_F32)
 
     # Padded head dims (zeros contribute nothing; sliced off at the end).
-    qp, kp = _pad_last(q, Kp), _pad_last(k, Kp)
-    vp, dhp = _pad_last(v, Vp), _pad_last(dh.astype(v.dtype), Vp)
-    dc_Tp, dn_Tp = _pad_last2(dc_T, Kp, Vp), _pad_last(dn_T, Kp)
+    qp, kp = pad_last(q, Kp), pad_last(k, Kp)
+    vp, dhp = pad_last(v, Vp), pad_last(dh.astype(v.dtype), Vp)
+    dc_Tp, dn_Tp = pad_last(dc_T, Kp, Vp), pad_last(dn_T, Kp)
 
     # Gates (XLA, float32).
     logi, b, a, g, a_max = chunk_gate_terms(i, f, input_gate, L)
@@ -770,12 +758,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input
     # them to it anyway; the final state, for Z, comes back in float32.)
     if states is None:
         c_states, n_states, c_final = chunk_states(
-            kp, vp, w_state, decay, _pad_last2(c0, Kp, Vp), _pad_last(n0, Kp), chunk=L,
+            kp, vp, w_state, decay, pad_last(c0, Kp, Vp), pad_last(n0, Kp), chunk=L,
             **state_tiles)
     else:
-        c_final = _pad_last2(states[0][:, :, NC].astype(_F32), Kp, Vp)
-        c_states = _pad_last2(states[0].astype(_inter_dtype(q.dtype)), Kp, Vp)
-        n_states = _pad_last(states[1].astype(_F32), Kp)
+        c_final = pad_last(states[0][:, :, NC].astype(_F32), Kp, Vp)
+        c_states = pad_last(states[0].astype(_inter_dtype(q.dtype)), Kp, Vp)
+        n_states = pad_last(states[1].astype(_F32), Kp)
 
     # Reverse recurrence for the state cotangents.
     dc_states, dn_states, dc_first, zc = state_grads(

@@ -50,6 +50,8 @@ class TilingConfig:
     states_block_k, states_block_v: tile of C in the chunk-state kernel (grid axes).
     states_block_kv: rows of a chunk per dot in the chunk-state kernel (<= L).
     states_num_warps, states_num_stages: Triton launch parameters of the chunk-state kernel.
+    keep_states: keep the forward's chunk states for the backward (C_k: NC x K x V float32 per
+      (b, h) in HBM) instead of recomputing them there (the default).
     """
 
     chunk_size: int = 256
@@ -64,6 +66,7 @@ class TilingConfig:
     states_block_kv: int = 64
     states_num_warps: int = 4
     states_num_stages: int = 3
+    keep_states: bool = False
 
     def __post_init__(self):
         for name in ("chunk_size", "block_q", "block_kv", "block_k", "block_v", "states_block_k",
@@ -91,6 +94,9 @@ class TilingConfig:
             states_block_k=_fit_block(self.states_block_k, Kp),
             states_block_v=_fit_block(self.states_block_v, Vp),
             states_block_kv=min(self.states_block_kv, L))
+
+    def with_keep_states(self, keep_states: bool = True) -> "TilingConfig":
+        return dataclasses.replace(self, keep_states=keep_states)
 
     def with_chunk_size(self, chunk_size: int) -> "TilingConfig":
         return dataclasses.replace(self, chunk_size=chunk_size)

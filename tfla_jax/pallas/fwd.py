@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from tfla_jax.pallas.common import out_struct, pad_last
 from tfla_jax.pallas.config import TilingConfig, padded_head_dim
 from tfla_jax.ref import gates
 from tfla_jax.ref.chunkwise import chunk_gates
@@ -164,9 +165,9 @@ def chunk_states(k, v, a, g, a_max, c0, n0, m0, *, config: TilingConfig, exp_gat
         pl.BlockSpec((None, None, NC + 1), lambda i, j, z: (*bh(z), 0)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((B, H, NC + 1, K, V), _F32),
-        jax.ShapeDtypeStruct((B, H, NC + 1, K), _F32),
-        jax.ShapeDtypeStruct((B, H, NC + 1), _F32),
+        out_struct((B, H, NC + 1, K, V), _F32, k),
+        out_struct((B, H, NC + 1, K), _F32, k),
+        out_struct((B, H, NC + 1), _F32, k),
     ]
     return pl.pallas_call(
         kernel, grid=(nk, nv, B * H), in_specs=in_specs, out_specs=out_specs,
@@ -302,9 +303,9 @@ def chunk_output(q, k, v, b, u, c_states, n_states, m_states, *, config: TilingC
         pl.BlockSpec((None, None, bq), lambda vi, qi, c, z: (*bh(z), c * nq + qi)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
-        jax.ShapeDtypeStruct((B, H, T), _F32),
-        jax.ShapeDtypeStruct((B, H, T), _F32),
+        out_struct((B, T, H, V), v.dtype, q),
+        out_struct((B, H, T), _F32, q),
+        out_struct((B, H, T), _F32, q),
     ]
     return pl.pallas_call(
         kernel, grid=(nv, nq, NC, B * H), in_specs=in_specs, out_specs=out_specs,
@@ -317,11 +318,6 @@ def chunk_output(q, k, v, b, u, c_states, n_states, m_states, *, config: TilingC
 # ----------------------------------------------------------------------------------------------
 # Host function
 # ----------------------------------------------------------------------------------------------
-def _pad_last(x, size):
-    pad = size - x.shape[-1]
-    if pad == 0:
-        return x
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
 
 
 @functools.partial(jax.jit, static_argnames=("input_gate", "normalize", "scale", "eps", "config",
@@ -371,9 +367,9 @@ def mlstm_fwd(q, k, v, i, f, c0=None, n0=None, m0=None, *, input_gate="exp", nor
     # Head dims to a multiple of 16 (zero padding leaves every dot unchanged).
     Kp, Vp = padded_head_dim(K), padded_head_dim(V)
     if (Kp, Vp) != (K, V):
-        q, k, n0 = _pad_last(q, Kp), _pad_last(k, Kp), _pad_last(n0, Kp)
-        v = _pad_last(v, Vp)
-        c0 = _pad_last(jnp.swapaxes(_pad_last(jnp.swapaxes(c0, -1, -2), Kp), -1, -2), Vp)
+        q, k, n0 = pad_last(q, Kp), pad_last(k, Kp), pad_last(n0, Kp)
+        v = pad_last(v, Vp)
+        c0 = pad_last(c0, Kp, Vp)
 
     b, a, u, g, a_max = chunk_gate_terms(i, f, L, input_gate)
     c_states, n_states, m_states = chunk_states(k, v, a, g, a_max, c0, n0, m0, config=config,
