@@ -140,13 +140,40 @@ def table(rows):
               f"{r['ms']:>9.2f}{r['tflops']:>9.1f}{100 * r['roofline_frac']:>8.1f}{mem:>7}")
 
 
+def plot(rows, path, device):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl, gate, style in (("ours", "exp", "o-"), ("ours", "sigmoid", "s-"),
+                              ("jax-chunkwise", "exp", "^--"), ("cudnn-attention", "-", "x:")):
+        pts = sorted((r["T"], r["ms"]) for r in rows if r["impl"] == impl and r["gate"] == gate)
+        if pts:
+            label = f"{impl} ({gate})" if gate != "-" else "cuDNN attention (H=32, D=128)"
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="T (B*T = 65,536 tokens)", ylabel="forward+backward ms",
+           title=f"mLSTM H=8 K=256 V=512 bf16, {device}")
+    ax.set_xticks([1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                  ["1K", "2K", "4K", "8K", "16K", "32K", "64K"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--Ts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--replot", help="only redraw the plot and table from a bench_fwdbwd JSON file")
     args = p.parse_args()
+    if args.replot:
+        with open(args.replot) as fh:
+            out = json.load(fh)
+        plot(out["bench"], args.replot.replace(".json", ".png"), out["device"])
+        table(out["bench"])
+        return
     kind, peaks = device_peaks()
     print(f"device: {kind}; jax {jax.__version__}", flush=True)
     out = dict(device=kind, jax=jax.__version__)
@@ -156,6 +183,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_fwdbwd.json"), "w") as fh:
         json.dump(out, fh, indent=1)
+    plot(out["bench"], os.path.join(args.out, "bench_fwdbwd.png"), kind)
     if "check" in out:
         print("check:", "PASS" if all(r["ok"] for r in out["check"]) else "FAIL")
     table(out["bench"])
