@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from tfla_jax import ref
 from tfla_jax.pallas.config import MIN_BLOCK, TilingConfig
 from tfla_jax.pallas.bwd import mlstm_bwd
-from tfla_jax.pallas.common import match_vma
+from tfla_jax.pallas.common import initial_state_f32, match_vma
 from tfla_jax.pallas.fwd import mlstm_fwd
 from tfla_jax.state import MLSTMState
 
@@ -60,9 +60,7 @@ def _mlstm_pallas(q, k, v, i, f, c0, n0, m0, *, input_gate, normalize, scale, ep
                   interpret):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    c0 = jnp.zeros((B, H, K, V), jnp.float32) if c0 is None else c0.astype(jnp.float32)
-    n0 = jnp.zeros((B, H, K), jnp.float32) if n0 is None else n0.astype(jnp.float32)
-    m0 = jnp.zeros((B, H), jnp.float32) if m0 is None else m0.astype(jnp.float32)
+    c0, n0, m0 = initial_state_f32(c0, n0, m0, B, H, K, V, exp_gate=True)
     # Padding stays outside the custom_vjp: its transpose (slicing the pads off) is automatic.
     qp, kp, vp, ip, fp = ref.pad_to_chunks(q, k, v, i, f, config.chunk_size)
     qp, kp, vp, ip, fp, c0, n0, m0 = match_vma(qp, kp, vp, ip, fp, c0, n0, m0)

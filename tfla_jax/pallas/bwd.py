@@ -55,7 +55,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tfla_jax.pallas.common import out_struct, pad_last
+from tfla_jax.pallas.common import initial_state_f32, out_struct, pad_last
+from tfla_jax.ref import gates
+from tfla_jax.ref.chunkwise import chunk_gates
 
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))   # a @ b.T
@@ -635,17 +637,14 @@ def _rows(x):
 
 
 def chunk_gate_terms(i, f, input_gate, chunk):
-    """Per-position float32 gate terms (B, H, T): F, log i, b (inclusive cumsum in the chunk), a
+    """Per-position float32 gate terms (B, H, T): log i, b (inclusive cumsum in the chunk), a
     (reverse cumsum after the position, plus log i); per chunk (B, H, NC): g, max a."""
-    F = jax.nn.log_sigmoid(_rows(f))
-    logi = _rows(i) if input_gate == "exp" else jax.nn.log_sigmoid(_rows(i))
-    B, H, T = F.shape
-    NC = T // chunk
-    F4 = F.reshape(B, H, NC, chunk)
-    b = jnp.cumsum(F4, axis=-1)
-    F_after = jnp.concatenate([F4[..., 1:], jnp.zeros_like(F4[..., :1])], axis=-1)
-    a = lax.cumsum(F_after, axis=3, reverse=True) + logi.reshape(B, H, NC, chunk)
-    return logi, b.reshape(B, H, T), a.reshape(B, H, T), b[..., -1], jnp.max(a, axis=-1)
+    logi = gates.log_input_gate(_rows(i), input_gate)
+    B, H, T = logi.shape
+    per_chunk = (B, H, T // chunk, chunk)
+    b, g, a = chunk_gates(gates.log_forget_gate(_rows(f)).reshape(per_chunk),
+                          logi.reshape(per_chunk))
+    return logi, b.reshape(B, H, T), a.reshape(B, H, T), g, jnp.max(a, axis=-1)
 
 
 def chunk_stabilisers(g, a_max, m0, input_gate):
@@ -714,13 +713,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, den, m_row, dh, dc_T, dn_T, *, input
     NC = T // L
     scale = K ** -0.5 if scale is None else float(scale)
     exp_gate = input_gate == "exp"
-    if c0 is None:
-        c0 = jnp.zeros((B, H, K, V), _F32)
-    if n0 is None:
-        n0 = jnp.zeros((B, H, K), _F32)
-    if m0 is None or not exp_gate:
-        m0 = jnp.zeros((B, H), _F32)
-    c0, n0, m0 = (x.astype(_F32) for x in (c0, n0, m0))
+    c0, n0, m0 = initial_state_f32(c0, n0, m0, B, H, K, V, exp_gate)
     dc_T = jnp.zeros((B, H, K, V), _F32) if dc_T is None else dc_T.astype(_F32)
     dn_T = jnp.zeros((B, H, K), _F32) if dn_T is None else dn_T.astype(_F32)
 

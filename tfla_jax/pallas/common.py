@@ -31,3 +31,12 @@ def pad_last(x, *sizes):
     if all(w == (0, 0) for w in widths):
         return x
     return jnp.pad(x, widths)
+
+
+def initial_state_f32(c0, n0, m0, B, H, K, V, exp_gate):
+    """(c0, n0, m0) in float32, zeros where None; m0 is zero for the sigmoid gate (no stabiliser)."""
+    c0 = jnp.zeros((B, H, K, V), jnp.float32) if c0 is None else c0.astype(jnp.float32)
+    n0 = jnp.zeros((B, H, K), jnp.float32) if n0 is None else n0.astype(jnp.float32)
+    m0 = (jnp.zeros((B, H), jnp.float32) if m0 is None or not exp_gate
+          else m0.astype(jnp.float32))
+    return c0, n0, m0

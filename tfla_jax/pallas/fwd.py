@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tfla_jax.pallas.common import out_struct, pad_last
+from tfla_jax.pallas.common import initial_state_f32, out_struct, pad_last
 from tfla_jax.pallas.config import TilingConfig, padded_head_dim
 from tfla_jax.ref import gates
 from tfla_jax.ref.chunkwise import chunk_gates
@@ -356,13 +356,7 @@ def mlstm_fwd(q, k, v, i, f, c0=None, n0=None, m0=None, *, input_gate="exp", nor
                          "(use mlstm_pallas for any T)")
     config = config.resolve(K, V)
     scale = K ** -0.5 if scale is None else float(scale)
-    if c0 is None:
-        c0 = jnp.zeros((B, H, K, V), _F32)
-    if n0 is None:
-        n0 = jnp.zeros((B, H, K), _F32)
-    if m0 is None or not exp_gate:
-        m0 = jnp.zeros((B, H), _F32)
-    c0, n0, m0 = (x.astype(_F32) for x in (c0, n0, m0))
+    c0, n0, m0 = initial_state_f32(c0, n0, m0, B, H, K, V, exp_gate)
 
     # Head dims to a multiple of 16 (zero padding leaves every dot unchanged).
     Kp, Vp = padded_head_dim(K), padded_head_dim(V)
