@@ -166,6 +166,7 @@ def main():
     p.add_argument("--Ts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--check-only", action="store_true")
     p.add_argument("--replot", help="only redraw the plot and table from a bench_fwdbwd JSON file")
     args = p.parse_args()
     if args.replot:
@@ -179,6 +180,10 @@ def main():
     out = dict(device=kind, jax=jax.__version__)
     if not args.skip_check:
         out["check"] = check()
+    if args.check_only:
+        ok = all(r["ok"] for r in out["check"])
+        print("check:", "PASS" if ok else "FAIL")
+        sys.exit(0 if ok else 1)
     out["bench"] = bench_all(args.Ts, args.tokens, peaks)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_fwdbwd.json"), "w") as fh:
