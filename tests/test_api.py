@@ -57,7 +57,8 @@ def test_bad_arrays_name_the_argument(inputs):
     (dict(eps=-1.0), "eps"),
     (dict(eps=float("nan")), "eps"),
     (dict(scale=float("inf")), "scale"),
-    (dict(config=object(), implementation="chunkwise"), "config"),
+    (dict(config=object()), "config"),
+    (dict(config=tfla_jax.TilingConfig(), implementation="chunkwise"), "config"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_options_name_the_argument(inputs, kwargs, name):
     q, k, v, i, f, _ = inputs
@@ -100,6 +101,9 @@ def test_defaults(inputs):
     zero = tfla_jax.ref.zero_state(B, H, K, V)
     h3, s3 = mlstm(q, k, v, i, f, initial_state=zero, return_state=True)
     assert_close((h3, *s3), (h_ref, *s_ref), 1e-5, "zero state")
+    if jax.default_backend() != "gpu":  # implementation=None always runs; a kernel config is moot
+        h4, _ = mlstm(q, k, v, i, f, config=tfla_jax.TilingConfig())
+        assert_close(h4, h_ref, 1e-5, "default implementation with a config")
 
 
 def test_jit_vmap_grad_compose(inputs):

@@ -5,7 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from tfla_jax import ref
+from tfla_jax import pallas, ref
 from tfla_jax.state import MLSTMState
 
 IMPLEMENTATIONS = ("recurrent", "parallel", "chunkwise", "pallas")
@@ -122,7 +122,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
       implementation: None (fastest available: "pallas" on GPU, else "chunkwise"), "recurrent",
         "parallel", "chunkwise" or "pallas".
       interpret: run the Pallas kernels in interpret mode (CPU testing); default off.
-      config: a `tfla_jax.pallas.TilingConfig` overriding the tiling of the Pallas kernels.
+      config: a `tfla_jax.TilingConfig` overriding the tiling of the Pallas kernels.
 
     Returns:
       (h, state): h (B, T, H, V) in v's dtype; state the final MLSTMState if return_state else None.
@@ -135,14 +135,17 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
     _check_chunk_size(chunk_size)
     if initial_state is not None:
         _check_state("initial_state", initial_state, B, H, K, V)
-    if implementation is None:
-        implementation = "pallas" if (_pallas_available() or interpret) else "chunkwise"
-    if implementation not in IMPLEMENTATIONS:
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected None or one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
-    if config is not None and implementation != "pallas":
+    if config is not None and not isinstance(config, pallas.TilingConfig):
+        raise ValueError(f"config: expected a tfla_jax.TilingConfig or None, "
+                         f"got {type(config).__name__}")
+    if config is not None and implementation not in (None, "pallas"):
         raise ValueError(f"config: a tiling config applies to implementation='pallas' only, "
                          f"got implementation={implementation!r}")
+    if implementation is None:  # a config for the kernels is ignored where they cannot run
+        implementation = "pallas" if (_pallas_available() or interpret) else "chunkwise"
     scale = K ** -0.5 if scale is None else float(scale)
     opts = dict(input_gate=input_gate, normalize=normalize, initial_state=initial_state,
                 scale=scale, eps=float(eps))
@@ -154,8 +157,6 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
         L = chunk_size or min(DEFAULT_CHUNK_SIZE_XLA, _next_pow2(T))
         h, state = _chunkwise(q, k, v, i, f, chunk_size=L, **opts)
     else:
-        from tfla_jax import pallas  # imported lazily: the Triton lowering is only needed here
-
         if not (_pallas_available() or interpret):
             raise ValueError("implementation: 'pallas' needs a GPU backend "
                              f"(found {jax.default_backend()!r}); pass interpret=True to run it "
