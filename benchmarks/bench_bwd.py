@@ -28,7 +28,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from tfla_jax.pallas import bwd
+from tfla_jax import MLSTMState, ref
+from tfla_jax.pallas import TilingConfig, bwd, mlstm_fwd
 from tfla_jax.pallas.bwd import BwdTilingConfig, mlstm_bwd
 
 SHAPE = dict(B=8, T=8192, H=8, K=256, V=512)
@@ -75,29 +76,22 @@ def random_inputs(seed, B, T, H, K, V, dtype=DTYPE):
 def forward_fn(gate, normalize, chunk, keep_states, interpret=INTERPRET):
     """(q, k, v, i, f, c0, n0, m0) -> (h, (c_T, n_T, m_T), (den, m_row), states-or-None).
 
-    The Pallas forward of tfla_jax.pallas.fwd; the plain-jnp `bwd.mlstm_fwd_reference` where
-    that module is missing.
+    The Pallas forward of tfla_jax.pallas.fwd; with BWD_FORWARD=reference the plain-jnp
+    `ref.mlstm_chunkwise(..., return_residuals=True)`.
     """
-    try:
-        from tfla_jax.pallas import TilingConfig, mlstm_fwd
-    except ImportError:
-        mlstm_fwd = None
     if os.environ.get("BWD_FORWARD") == "reference":
-        mlstm_fwd = None
-
-    if mlstm_fwd is None:
-        log("  (plain-jnp forward: no tfla_jax.pallas.fwd, or BWD_FORWARD=reference)")
+        log("  (plain-jnp forward: BWD_FORWARD=reference)")
 
         def fwd(q, k, v, i, f, c0, n0, m0):
-            h, final, res, states = bwd.mlstm_fwd_reference(
-                q, k, v, i, f, c0, n0, m0, input_gate=gate, normalize=normalize,
-                chunk_size=chunk)
+            h, final, res, states = ref.mlstm_chunkwise(
+                q, k, v, i, f, initial_state=MLSTMState(c0, n0, m0), input_gate=gate,
+                normalize=normalize, chunk_size=chunk, return_residuals=True)
             return h, final, res, (states if keep_states else None)
         return fwd
 
     def fwd(q, k, v, i, f, c0, n0, m0):
         K, V, T = q.shape[-1], v.shape[-1], q.shape[1]
-        cfg = TilingConfig.default(K, V, T, q.dtype, gate).with_chunk_size(chunk).resolve(K, V)
+        cfg = TilingConfig.default(K, V, T, q.dtype, gate, chunk_size=chunk)
         h, final, res = mlstm_fwd(q, k, v, i, f, c0, n0, m0, input_gate=gate,
                                   normalize=normalize, config=cfg, interpret=interpret,
                                   return_states=keep_states)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tfla_jax import ref
-from tfla_jax.pallas import TilingConfig, mlstm_pallas
+from tfla_jax.pallas import mlstm_pallas
 from tfla_jax.state import MLSTMState
 
 # Bounds on the relative RMS error (see tests/test_pallas_fwd.py for where the error comes from).

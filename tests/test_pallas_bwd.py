@@ -1,7 +1,7 @@
 """TFLA backward kernels (tfla_jax/pallas/bwd.py) in interpret mode vs jax.grad of the lax.scan
 reference, plus a CUDA cross-lowering of every backward kernel configuration.
 
-The op under test is a local jax.custom_vjp: forward = `mlstm_fwd_reference` (plain jnp, the
+The op under test is a local jax.custom_vjp: forward = `ref.mlstm_chunkwise(..., return_residuals=True)` (plain jnp, the
 forward residuals) or the Pallas forward, backward = `mlstm_bwd`. Inputs are float32, so the Pallas
 dots are exact float32 and every gradient must match to 1e-4 relative RMS, each asserted alone.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tfla_jax import MLSTMState, ref
-from tfla_jax.pallas.bwd import BwdTilingConfig, mlstm_bwd, mlstm_fwd_reference
+from tfla_jax.pallas.bwd import BwdTilingConfig, mlstm_bwd
 from tests.utils import assert_close, make_inputs, random_like, rel_err
 
 pytestmark = pytest.mark.filterwarnings(
@@ -26,16 +26,17 @@ TOL = 1e-4
 
 
 def _forward_reference(q, k, v, i, f, c0, n0, m0, *, gate, normalize, chunk, keep_states):
-    h, final, (den, m_row), states = mlstm_fwd_reference(
-        q, k, v, i, f, c0, n0, m0, input_gate=gate, normalize=normalize, chunk_size=chunk)
+    h, final, (den, m_row), states = ref.mlstm_chunkwise(
+        q, k, v, i, f, initial_state=MLSTMState(c0, n0, m0), input_gate=gate,
+        normalize=normalize, chunk_size=chunk, return_residuals=True)
     return h, final, (den, m_row), (states if keep_states else None)
 
 
 def _forward_pallas(q, k, v, i, f, c0, n0, m0, *, gate, normalize, chunk, keep_states):
     from tfla_jax.pallas import TilingConfig, mlstm_fwd
 
-    cfg = TilingConfig.default(q.shape[-1], v.shape[-1], q.shape[1], q.dtype, gate)
-    cfg = cfg.with_chunk_size(chunk).resolve(q.shape[-1], v.shape[-1])
+    cfg = TilingConfig.default(q.shape[-1], v.shape[-1], q.shape[1], q.dtype, gate,
+                               chunk_size=chunk)
     h, final, res = mlstm_fwd(q, k, v, i, f, c0, n0, m0, input_gate=gate, normalize=normalize,
                               config=cfg, interpret=True, return_states=keep_states)
     return h, final, res[:2], (res[2:] if keep_states else None)

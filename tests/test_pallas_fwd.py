@@ -17,41 +17,12 @@ import pytest
 import tfla_jax
 from tfla_jax import ref
 from tfla_jax.pallas import TilingConfig, mlstm_fwd, mlstm_pallas
-from tfla_jax.state import MLSTMState
+from tests.utils import assert_close, make_inputs
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
-
-
-def make_inputs(seed, B, T, H, K, V, dtype=jnp.float32, *, initial_state=False, gate_scale=2.0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-    q = jax.random.normal(ks[0], (B, T, H, K), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (B, T, H, K), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (B, T, H, V), jnp.float32).astype(dtype)
-    i = gate_scale * jax.random.normal(ks[3], (B, T, H), jnp.float32)
-    f = gate_scale * jax.random.normal(ks[4], (B, T, H), jnp.float32) + 3.0
-    state = None
-    if initial_state:
-        state = MLSTMState(jax.random.normal(ks[5], (B, H, K, V), jnp.float32),
-                           jax.random.normal(ks[6], (B, H, K), jnp.float32),
-                           jax.random.normal(ks[7], (B, H), jnp.float32))
-    return (q, k, v, i, f), state
-
-
-def rel_err(x, y):
-    """Relative RMS error ||x - y|| / ||y|| in float32 (NaN anywhere gives NaN)."""
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.float32)
-    return float(jnp.linalg.norm(x - y) / jnp.maximum(jnp.linalg.norm(y), 1e-30))
-
-
-def assert_close(x, y, tol, what):
-    assert x.shape == y.shape, (what, x.shape, y.shape)
-    assert bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))), f"{what}: non-finite"
-    err = rel_err(x, y)
-    assert err <= tol, f"{what}: relative RMS error {err:.3g} > {tol:.3g}"
 
 
 def check_against_recurrent(args, state, *, input_gate, normalize=True, dtype=jnp.float32,
@@ -87,21 +58,21 @@ FOUNDATION = [
 @pytest.mark.parametrize("B,T,H,K,V,gate", FOUNDATION,
                          ids=[f"B{b}-T{t}-H{h}-K{k}-V{v}-{g}" for b, t, h, k, v, g in FOUNDATION])
 def test_foundation_grid(B, T, H, K, V, gate):
-    args, _ = make_inputs(B * 1000 + T, B, T, H, K, V)
+    *args, _ = make_inputs(B * 1000 + T, B, T, H, K, V)
     check_against_recurrent(args, None, input_gate=gate)
 
 
 @pytest.mark.parametrize("gate", ["exp", "sigmoid"])
 def test_initial_state(gate):
     """(The foundation grid runs from the zero state.) The sigmoid gate ignores m0."""
-    args, state = make_inputs(7, 2, 37, 2, 32, 32, initial_state=True)
+    *args, state = make_inputs(7, 2, 37, 2, 32, 32, with_state=True)
     check_against_recurrent(args, state, input_gate=gate)
 
 
 @pytest.mark.parametrize("gate", ["exp", "sigmoid"])
 def test_large_heads(gate):
     """xLSTM-7B head dims (K=256, V=512) at small T; the default config's K/V tiling."""
-    args, state = make_inputs(11, 1, 40, 1, 256, 512, initial_state=True)
+    *args, state = make_inputs(11, 1, 40, 1, 256, 512, with_state=True)
     check_against_recurrent(args, state, input_gate=gate)
 
 
@@ -110,7 +81,7 @@ def test_chunk_sizes(chunk_size):
     """T >= 4 chunks and not a multiple of the chunk; several query/kv tiles per chunk."""
     T = 4 * chunk_size + 5
     gate = "exp" if chunk_size in (16, 64, 256) else "sigmoid"
-    args, state = make_inputs(chunk_size, 1, T, 1, 16, 32, initial_state=True)
+    *args, state = make_inputs(chunk_size, 1, T, 1, 16, 32, with_state=True)
     check_against_recurrent(args, state, input_gate=gate, chunk_size=chunk_size)
 
 
@@ -126,19 +97,19 @@ TILINGS = {
 
 @pytest.mark.parametrize("name,gate", [("kv_gt_q", "exp"), ("q_gt_kv", "sigmoid")])
 def test_tilings(name, gate):
-    args, state = make_inputs(3, 1, 150, 2, 64, 64, initial_state=True)
+    *args, state = make_inputs(3, 1, 150, 2, 64, 64, with_state=True)
     check_against_recurrent(args, state, input_gate=gate, config=TILINGS[name])
 
 
 @pytest.mark.parametrize("K,V", [(48, 96), (20, 24)], ids=["K48-V96", "K20-V24-padded"])
 def test_odd_head_dims(K, V):
     """Head dims that are no power of two: blocks dividing them, or zero padding to 16."""
-    args, state = make_inputs(5, 1, 50, 2, K, V, initial_state=True)
+    *args, state = make_inputs(5, 1, 50, 2, K, V, with_state=True)
     check_against_recurrent(args, state, input_gate="exp")
 
 
 def test_sigmoid_unnormalized():
-    args, state = make_inputs(9, 2, 45, 2, 32, 16, initial_state=True)
+    *args, state = make_inputs(9, 2, 45, 2, 32, 16, with_state=True)
     check_against_recurrent(args, state, input_gate="sigmoid", normalize=False)
 
 
@@ -146,14 +117,14 @@ def test_sigmoid_unnormalized():
                          [(jnp.bfloat16, "exp"), (jnp.bfloat16, "sigmoid"), (jnp.float16, "exp")],
                          ids=["bf16-exp", "bf16-sig", "fp16-exp"])
 def test_low_precision(dtype, gate):
-    args, state = make_inputs(13, 2, 70, 2, 32, 64, dtype, initial_state=True)
+    *args, state = make_inputs(13, 2, 70, 2, 32, 64, dtype, with_state=True)
     check_against_recurrent(args, state, input_gate=gate, dtype=dtype, chunk_size=32)
 
 
 @pytest.mark.parametrize("gate", ["exp", "sigmoid"])
 def test_extreme_gates(gate):
     """f~ in [-30, 30], i~ up to +30 and down to -1e4: finite and equal to the reference."""
-    (q, k, v, _, _), _ = make_inputs(17, 1, 96, 2, 16, 16)
+    q, k, v, *_ = make_inputs(17, 1, 96, 2, 16, 16)
     ks = jax.random.split(jax.random.PRNGKey(1), 3)
     f = jax.random.uniform(ks[0], (1, 96, 2), minval=-30.0, maxval=30.0)
     i = jax.random.uniform(ks[1], (1, 96, 2), minval=-30.0, maxval=30.0)
@@ -183,7 +154,7 @@ def _recurrent_rows(q, k, v, i, f, c0, n0, m0, scale):
 def test_residuals_and_states():
     """den, m_row and the chunk-boundary states (return_states) of `mlstm_fwd`."""
     B, T, H, K, V, L = 1, 64, 2, 16, 32, 16
-    (q, k, v, i, f), state = make_inputs(21, B, T, H, K, V, initial_state=True)
+    q, k, v, i, f, state = make_inputs(21, B, T, H, K, V, with_state=True)
     cfg = TilingConfig.default(K, V, T, jnp.float32, "exp", chunk_size=L)
     h, final, res = mlstm_fwd(q, k, v, i, f, *state, input_gate="exp", normalize=True,
                               config=cfg, interpret=True, return_states=True)
@@ -208,7 +179,7 @@ def test_residuals_and_states():
 
 def test_public_api_dispatch():
     """tfla_jax.mlstm(..., implementation='pallas', interpret=True) reaches these kernels."""
-    args, state = make_inputs(23, 1, 33, 2, 16, 16, initial_state=True)
+    *args, state = make_inputs(23, 1, 33, 2, 16, 16, with_state=True)
     h, st = tfla_jax.mlstm(*args, initial_state=state, return_state=True,
                            implementation="pallas", chunk_size=16, interpret=True)
     h_ref, st_ref = ref.mlstm_recurrent(*args, initial_state=state)
@@ -229,7 +200,7 @@ def test_config_validation_and_defaults():
         assert cfg.block_q <= cfg.chunk_size and cfg.block_kv <= cfg.chunk_size
     r = TilingConfig(block_k=128, block_v=128).resolve(96, 192)
     assert (r.block_k, r.block_v) == (32, 64)
-    args, _ = make_inputs(0, 1, 8, 1, 16, 16)
+    *args, _ = make_inputs(0, 1, 8, 1, 16, 16)
     with pytest.raises(ValueError, match="chunk_size"):
         mlstm_pallas(*args, chunk_size=8, interpret=True)
     with pytest.raises(ValueError, match="disagrees"):

@@ -1,8 +1,6 @@
 """The three references (recurrent scan, parallel, chunkwise) agree with each other: values,
 final states and gradients, in float64; plus extreme gates, long sequences and chaining."""
 
-import functools
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -43,8 +43,14 @@ def chunk_gates(F, logi):
 
 
 def mlstm_chunkwise(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
-                    scale=None, eps=1e-6, chunk_size=64):
-    """Chunkwise form. Shapes as `mlstm_recurrent`; returns h and the final MLSTMState."""
+                    scale=None, eps=1e-6, chunk_size=64, return_residuals=False):
+    """Chunkwise form. Shapes as `mlstm_recurrent`; returns h and the final MLSTMState.
+
+    With return_residuals, also what a chunkwise backward consumes, over the padded length
+    Tp = NC * L: (den, m_row) (B, H, Tp), the raw denominator before abs/max and the row
+    stabiliser, and the chunk-boundary states (C (B,H,NC+1,K,V), n (B,H,NC+1,K), m (B,H,NC+1)),
+    index 0 the initial state.
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     L = chunk_size
@@ -106,5 +112,9 @@ def mlstm_chunkwise(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_
     num = w_inter[..., None] * jnp.einsum("bhctk,bhckv->bhctv", qc, c_prev) + S @ vc
     den = w_inter * jnp.einsum("bhctk,bhck->bhct", qc, n_prev) + jnp.sum(S, axis=-1)
     h = gates.normalized_output(num, den, m, input_gate, normalize, eps)  # [B, H, NC, L, V]
-    h = jnp.moveaxis(h, 1, 3).reshape(B, NC * L, H, V)[:, :T]
-    return h.astype(v.dtype), final
+    h = jnp.moveaxis(h, 1, 3).reshape(B, NC * L, H, V)[:, :T].astype(v.dtype)
+    if not return_residuals:
+        return h, final
+    states = tuple(jnp.concatenate([x, y[:, :, None]], axis=2)
+                   for x, y in zip((c_prev, n_prev, m_prev), final))
+    return h, final, (den.reshape(B, H, NC * L), m.reshape(B, H, NC * L)), states

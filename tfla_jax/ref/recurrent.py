@@ -6,7 +6,6 @@ then exact up to the eps term, matches every chunkwise/tiled backward, and stays
 extreme gates.
 """
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
