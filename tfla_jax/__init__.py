@@ -1,9 +1,25 @@
-"""tfla_jax: Tiled Flash Linear Attention (mLSTM) kernels for JAX."""
+"""tfla_jax: Tiled Flash Linear Attention (mLSTM) kernels for JAX.
 
-from tfla_jax.hf import load_hf_checkpoint
-from tfla_jax.ops import mlstm, mlstm_step
-from tfla_jax.pallas import TilingConfig
+`import tfla_jax` loads the cell and its kernels only; the Flax model stack (`tfla_jax.layers`,
+`tfla_jax.hf`) is imported on first use.
+"""
+
+import importlib
+
+from tfla_jax.api import IMPLEMENTATIONS, mlstm, mlstm_step
+from tfla_jax.backends import TritonConfig, available_backends, get_backend
 from tfla_jax.state import MLSTMState
 
-__all__ = ["mlstm", "mlstm_step", "MLSTMState", "TilingConfig", "load_hf_checkpoint"]
-__version__ = "0.1.0"
+__all__ = ["mlstm", "mlstm_step", "MLSTMState", "TritonConfig", "IMPLEMENTATIONS",
+           "available_backends", "get_backend", "load_hf_checkpoint", "layers", "hf"]
+__version__ = "0.2.0"
+
+_LAZY = {"layers": "tfla_jax.layers", "hf": "tfla_jax.hf"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(_LAZY[name])
+    if name == "load_hf_checkpoint":
+        return importlib.import_module("tfla_jax.hf").load_hf_checkpoint
+    raise AttributeError(f"module 'tfla_jax' has no attribute {name!r}")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from tfla_jax import ops
+from tfla_jax import api
 from tfla_jax.state import MLSTMState
 
 __all__ = ["xLSTMConfig", "RMSNorm", "MultiHeadLayerNorm", "mLSTMLayer", "FeedForward", "mLSTMBlock",
@@ -129,10 +129,10 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
             if dim % self.num_heads:
                 raise ValueError(f"xLSTMConfig: {name} = {dim} is not divisible by num_heads = "
                                  f"{self.num_heads}")
-        if self.mlstm_implementation not in (None, *ops.IMPLEMENTATIONS):
+        if self.mlstm_implementation not in (None, *api.IMPLEMENTATIONS):
             raise ValueError(f"xLSTMConfig.mlstm_implementation: expected None or one of "
-                             f"{ops.IMPLEMENTATIONS}, got {self.mlstm_implementation!r}")
-        ops._check_chunk_size(self.chunk_size)
+                             f"{api.IMPLEMENTATIONS}, got {self.mlstm_implementation!r}")
+        api._check_chunk_size(self.chunk_size)
 
     # Derived dims.
     @property
@@ -381,7 +381,7 @@ class mLSTMLayer(nnx.Module):  # noqa: N801
         """
         cfg = self.config
         q, k, v, o, i, f = self._project(x)
-        h, state = ops.mlstm(q, k, v, i, f, initial_state=state, return_state=return_state,
+        h, state = api.mlstm(q, k, v, i, f, initial_state=state, return_state=return_state,
                              eps=cfg.eps, chunk_size=cfg.chunk_size,
                              implementation=cfg.mlstm_implementation)
         return self._output(h, o), state
@@ -389,7 +389,7 @@ class mLSTMLayer(nnx.Module):  # noqa: N801
     def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
         """One decoding step: x (B, d) -> (y (B, d), new MLSTMState); state None means zeros."""
         q, k, v, o, i, f = self._project(x)
-        h, state = ops.mlstm_step(q, k, v, i, f, state, eps=self.config.eps)
+        h, state = api.mlstm_step(q, k, v, i, f, state, eps=self.config.eps)
         return self._output(h, o), state
 
 

@@ -1,24 +1,11 @@
-"""The quadratic (parallel) mLSTM form with the initial-state term (design §2). O(T^2) memory."""
+"""The quadratic (parallel) mLSTM form with the initial-state term (docs/math.md). O(T^2) memory."""
 
 import jax.numpy as jnp
 from jax import lax
 
-from tfla_jax.ref import gates
+from tfla_jax import gates
 from tfla_jax.ref.recurrent import zero_state
 from tfla_jax.state import MLSTMState
-
-
-def segment_log_decay(F):
-    """P[..., t, s] = sum_{s < r <= t} F_r for s <= t (0 above the diagonal). F: [..., T].
-
-    A masked cumulative sum inside the window: subtracting two global cumsums instead would lose
-    precision for long sequences.
-    """
-    T = F.shape[-1]
-    r = jnp.arange(T)
-    after_s = r[None, :] > r[:, None]                               # [s, r]
-    P = jnp.cumsum(jnp.where(after_s, F[..., None, :], 0.0), axis=-1)  # [..., s, t]
-    return jnp.swapaxes(P, -1, -2)                                  # [..., t, s]
 
 
 def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
@@ -40,7 +27,7 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
     logi = gates.log_input_gate(jnp.swapaxes(i.astype(cdt), 1, 2), input_gate)
 
     causal = jnp.tril(jnp.ones((T, T), bool))
-    logD = jnp.where(causal, segment_log_decay(F) + logi[..., None, :], -jnp.inf)  # [B,H,T,T]
+    logD = jnp.where(causal, gates.segment_log_decay(F) + logi[..., None, :], -jnp.inf)  # [B,H,T,T]
     log_init = jnp.cumsum(F, axis=-1) + m0[..., None]               # [B, H, T]
     if input_gate == "exp":
         m = lax.stop_gradient(jnp.maximum(log_init, jnp.max(logD, axis=-1)))
@@ -52,7 +39,7 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
         w_init = jnp.exp(log_init - m)
         num = num + w_init[..., None] * jnp.einsum("bhtk,bhkv->bhtv", qh, c0)
         den = den + w_init * jnp.einsum("bhtk,bhk->bht", qh, n0)
-    h = gates.normalized_output(num, den, m, input_gate, normalize, eps)
+    h = gates.normalized_output(num, den, gates.denominator_floor(m, input_gate), normalize, eps)
 
     # Final state: the unrolled recurrence at t = T, weights relative to m_T.
     m_T = m[..., -1]

@@ -1,4 +1,4 @@
-"""The mLSTM recurrence over time with `jax.lax.scan`: the ground truth (design §1).
+"""The mLSTM recurrence over time with `jax.lax.scan`: the ground truth (docs/math.md).
 
 The stabiliser m is a numerical device: the function is defined by the unstabilised state
 (e^m C, e^m n), so m_t is held constant under differentiation (`stop_gradient`). The gradient is
@@ -9,7 +9,7 @@ extreme gates.
 import jax.numpy as jnp
 from jax import lax
 
-from tfla_jax.ref import gates
+from tfla_jax import gates
 from tfla_jax.state import MLSTMState
 
 
@@ -40,17 +40,14 @@ def mlstm_step_ref(q, k, v, i, f, state: MLSTMState, *, input_gate="exp", normal
         m = jnp.zeros_like(m)
     F = gates.log_forget_gate(f)
     logi = gates.log_input_gate(i, input_gate)
-    if input_gate == "exp":
-        m_new = lax.stop_gradient(jnp.maximum(F + m, logi))
-    else:
-        m_new = jnp.zeros_like(m)
+    m_new = gates.stabiliser_step(F, m, logi) if input_gate == "exp" else jnp.zeros_like(m)
     f_act = jnp.exp(F + m - m_new)
     i_act = jnp.exp(logi - m_new)
     c = f_act[..., None, None] * c + i_act[..., None, None] * (k[..., :, None] * v[..., None, :])
     n = f_act[..., None] * n + i_act[..., None] * k
     num = jnp.einsum("bhk,bhkv->bhv", q, c)
     den = jnp.einsum("bhk,bhk->bh", q, n)
-    h = gates.normalized_output(num, den, m_new, input_gate, normalize, eps)
+    h = gates.normalized_output(num, den, gates.denominator_floor(m_new, input_gate), normalize, eps)
     return h.astype(out_dtype), MLSTMState(c, n, m_new)
 
 

@@ -1,0 +1,88 @@
+"""The Pallas-Triton kernel backend ("pallas_triton"): TFLA on the Triton lowering of Pallas.
+
+Five kernels (docs/kernels.md): the chunk-state recurrence and its reverse (states.py), the
+forward output (fwd.py), dq / dk / dv (bwd.py). Runs on any GPU the Triton lowering supports,
+bf16 / fp16 / fp32, any head dims (zero-padded to a multiple of 16), chunk sizes >= 16.
+"""
+
+import jax.numpy as jnp
+
+from tfla_jax.backends.base import Backend, Call, ForwardOut, KernelGrads, register
+from tfla_jax.backends.triton.bwd import intra_dk, intra_dq, intra_dv
+from tfla_jax.backends.triton.common import F32, pad_last
+from tfla_jax.backends.triton.config import MIN_BLOCK, TritonConfig, padded_head_dim
+from tfla_jax.backends.triton.fwd import chunk_output
+from tfla_jax.backends.triton.states import chunk_states, state_grads
+
+_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
+
+
+class TritonBackend(Backend):
+    name = "pallas_triton"
+    config_cls = TritonConfig
+    speed_rank = 10
+
+    def default_config(self, call: Call, chunk_size=None):
+        return TritonConfig.default(call.K, call.V, call.T, call.dtype, call.input_gate,
+                                    chunk_size=chunk_size, device_kind=call.device_kind)
+
+    def chunk_size(self, config):
+        return config.chunk_size
+
+    def supported(self, call: Call, config):
+        if jnp.dtype(call.dtype) not in _DTYPES:
+            return f"dtype {jnp.dtype(call.dtype).name}: the Triton kernels take bf16, fp16, fp32"
+        if config.chunk_size < MIN_BLOCK:
+            return f"chunk_size {config.chunk_size}: Triton dots need every dim >= {MIN_BLOCK}"
+        return None
+
+    def forward(self, q, k, v, gates, c0, n0, *, config, normalize, eps, interpret, residuals):
+        K, V = q.shape[-1], v.shape[-1]
+        cfg = config.resolve(K, V)
+        Kp, Vp = padded_head_dim(K), padded_head_dim(V)
+        q, k, v = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
+        c_states, n_states, c_last = chunk_states(k, v, gates.w_state, gates.decay,
+                                                  pad_last(c0, Kp, Vp), pad_last(n0, Kp),
+                                                  config=cfg, interpret=interpret)
+        h, den = chunk_output(q, k, v, gates, c_states, n_states, config=cfg,
+                              normalize=normalize, eps=eps, interpret=interpret)
+        keep = residuals and cfg.keep_states
+        return ForwardOut(h[..., :V], den, c_last[..., :K, :V], n_states[:, :, -1, :K],
+                          states=(c_states, n_states, c_last) if keep else None)
+
+    def backward(self, q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states, *, config,
+                 interpret):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        NC = T // config.chunk_size
+        cfg = config.resolve(K, V)
+        Kp, Vp = padded_head_dim(K), padded_head_dim(V)
+        q, k, v = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
+        dh = pad_last(dh.astype(v.dtype), Vp)
+        dc_T, dn_T = pad_last(dc_T.astype(F32), Kp, Vp), pad_last(dn_T.astype(F32), Kp)
+        if states is None:
+            states = chunk_states(k, v, gates.w_state, gates.decay, pad_last(c0, Kp, Vp),
+                                  pad_last(n0, Kp), config=cfg, interpret=interpret)
+        c_states, n_states, c_last = states
+        dc_states, dn_states, dc_first, zc = state_grads(
+            q, dh, gates.w_inter * norm.inv_n, gates.w_inter * norm.dden, gates.decay,
+            c_states, dc_T, dn_T, config=cfg, interpret=interpret)
+        rows = dict(bh=gates.bh, row=gates.row, col=gates.col, start=gates.start,
+                    w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
+                    dden=norm.dden)
+        opts = dict(config=cfg, interpret=interpret)
+        dq, qdq = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
+        dk, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
+        dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
+        # <C_c, dC_c> + <n_c, dn_c> per boundary; the final one from the float32 C_T.
+        zc = jnp.sum(zc, axis=(2, 3)) + jnp.sum(n_states * dn_states, axis=-1)  # (B, H, NC+1)
+        z_T = jnp.sum(dc_T * c_last, axis=(-2, -1)) + jnp.sum(dn_T * n_states[:, :, NC], -1)
+        zc = zc.at[..., NC].set(z_T)
+        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], jnp.sum(qdq, axis=2),
+                           jnp.sum(kdk, axis=2), zc[..., 1:], dc_first[..., :K, :V],
+                           dn_states[:, :, 0, :K])
+
+
+BACKEND = register(TritonBackend())
+
+__all__ = ["BACKEND", "TritonBackend", "TritonConfig"]

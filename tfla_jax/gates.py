@@ -1,0 +1,215 @@
+"""The gate, stabiliser and decay math shared by every mLSTM form (docs/math.md, docs/numerics.md).
+
+Everything here is plain jnp: the references call it in XLA, the kernel policy calls it to build
+the per-position gate vectors the kernels consume, and the kernels call `intra_weights` inside
+their bodies. All of it runs in float32 (float64 for float64 inputs).
+
+Chunkwise terms for chunk c (positions cL .. cL+L-1, local index tau), F = log f, log i:
+    b_tau = sum_{s<=tau} F_s        inclusive in-chunk cumsum, kept as hi + lo (compensated)
+    g     = b_{L-1}                  log decay over the whole chunk
+    a_tau = sum_{s>tau} F_s + log i_tau
+    m_tau                            the recurrent stabiliser at that position (exact row max)
+    m_c                              the stabiliser of the state entering chunk c
+and the weights (all <= 1 up to rounding, so nothing overflows):
+    intra    P_{tau,s} = scale exp(b_tau - b_s + log i_s - m_tau)            (s <= tau)
+    inter    w_inter_tau = scale exp(b_tau + m_c - m_tau)
+    state    w_state_tau = exp(a_tau - m_{c+1}),   decay_c = exp(g + m_c - m_{c+1})
+    floor_tau = exp(-m_tau) (exp gate) or 1 (sigmoid gate)
+b_tau - b_s is formed as (bh_tau - bh_s) + (bl_tau - m_tau + log scale) + (log i_s - bl_s): the hi
+parts cancel exactly where they are close, so the error is that of the difference itself, not
+ulp(L |F|) (docs/numerics.md).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Log forget gates are clamped here: exp(-1e30) is 0 in every float format, and the clamp keeps
+# chunk sums of up to 2^24 gates finite; it is invisible unless |i~| or |m0| reach ~1e29.
+LOG_F_MIN = -1e30
+# A log forget gate at or below this is a hard reset (f' = 0 exactly) in the chunkwise forms: e^-4096
+# is 0 in every float format, and excluding resets keeps in-chunk cumsums below 2^24 for L <= 4096.
+RESET_LOG_F = -4096.0
+# Positions appended to reach a whole chunk: the forget gate keeps (log_sigmoid(F_PAD) == 0
+# exactly) and the input gate writes nothing (log i = -inf), so the final state stays exact.
+F_PAD = 1e4
+I_PAD = -jnp.inf
+LOG2E = 1.4426950408889634
+
+
+def compute_dtype(*arrays) -> jnp.dtype:
+    """float64 when any input is float64, else float32: the dtype of all gate/state math."""
+    if any(a is not None and a.dtype == jnp.float64 for a in arrays):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def log_forget_gate(f: jax.Array) -> jax.Array:
+    """F = max(logsig(f~), LOG_F_MIN) <= 0; f~ = -inf (a hard reset) gives LOG_F_MIN."""
+    return jnp.maximum(jax.nn.log_sigmoid(f), LOG_F_MIN)
+
+
+def log_input_gate(i: jax.Array, input_gate: str) -> jax.Array:
+    """log i' before stabilisation: i~ (exp) or logsig(i~) (sigmoid); -inf means no input."""
+    return i if input_gate == "exp" else jax.nn.log_sigmoid(i)
+
+
+def denominator_floor(m: jax.Array, input_gate: str) -> jax.Array:
+    """Lower bound of |den|: exp(-m) for the stabilised exp gate, 1 for the sigmoid gate."""
+    return jnp.exp(-m) if input_gate == "exp" else jnp.ones_like(m)
+
+
+def normalized_output(num, den, floor, normalize: bool, eps: float):
+    """h = num / (max(|den|, floor) + eps); num when normalize is off. num: [..., V], den: [...]."""
+    if not normalize:
+        return num
+    return num / (jnp.maximum(jnp.abs(den), floor) + eps)[..., None]
+
+
+def stabiliser_step(F, m_prev, logi):
+    """m_t = max(F_t + m_{t-1}, log i_t): the recurrent stabiliser (no gradient)."""
+    return lax.stop_gradient(jnp.maximum(F + m_prev, logi))
+
+
+def _compose(first, second):
+    """Composition of the maps x -> max(x + F, A): first, then second (associative)."""
+    F1, A1 = first
+    F2, A2 = second
+    return F1 + F2, jnp.maximum(A1 + F2, A2)
+
+
+def _two_sum_add(x, y):
+    """(hi, lo) + (hi, lo) in double-float arithmetic (Knuth's TwoSum, then renormalised)."""
+    s = x[0] + y[0]
+    t = s - x[0]
+    err = (x[0] - (s - t)) + (y[0] - t)
+    lo = err + (x[1] + y[1])
+    hi = s + lo
+    return hi, lo - (hi - s)
+
+
+def compensated_cumsum(x, axis=-1):
+    """Inclusive cumsum along axis as (hi, lo), hi + lo accurate to ~ulp of the sum itself."""
+    return lax.associative_scan(_two_sum_add, (x, jnp.zeros_like(x)), axis=axis)
+
+
+def segment_log_decay(F):
+    """P[..., t, s] = sum_{s < r <= t} F_r for s <= t (0 above the diagonal). F: [..., T].
+
+    A masked cumulative sum inside the window (O(T^2)): the quadratic form's decay matrix.
+    """
+    T = F.shape[-1]
+    r = jnp.arange(T)
+    after_s = r[None, :] > r[:, None]                               # [s, r]
+    P = jnp.cumsum(jnp.where(after_s, F[..., None, :], 0.0), axis=-1)  # [..., s, t]
+    return jnp.swapaxes(P, -1, -2)                                  # [..., t, s]
+
+
+class ChunkGates(NamedTuple):
+    """Per-position gate vectors of the chunkwise form (see the module docstring), over T = NC L.
+
+    bh, row, col, w_inter, w_state, floor, m_row: [..., T] float; start: [..., T] int32, the
+    in-chunk index where the segment of each position starts (0 without a reset);
+    decay: [..., NC]; m_states: [..., NC+1] (index 0 the initial stabiliser, NC the final one).
+    intra weight of (tau, s): exp((bh_tau - bh_s) + row_tau + col_s) for start_tau <= s <= tau.
+    """
+
+    bh: jax.Array
+    row: jax.Array
+    col: jax.Array
+    start: jax.Array
+    w_inter: jax.Array
+    w_state: jax.Array
+    floor: jax.Array
+    decay: jax.Array
+    m_row: jax.Array
+    m_states: jax.Array
+
+
+def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float) -> ChunkGates:
+    """The chunkwise gate vectors. F, logi: [..., NC, L] (float32/64); m0: [...] initial m.
+
+    The stabiliser is the recurrent one (`stabiliser_step`), computed by associative scans
+    (in-chunk, then across chunks) and held constant under differentiation. A log forget gate
+    <= RESET_LOG_F is a hard reset: every weight across it is exactly 0 (docs/numerics.md).
+    """
+    lead, (NC, L) = F.shape[:-2], F.shape[-2:]
+    reset = F <= RESET_LOG_F
+    idx = lax.broadcasted_iota(jnp.int32, F.shape, F.ndim - 1)
+    start = lax.cummax(jnp.where(reset, idx, 0), axis=F.ndim - 1)
+    reset_before = lax.cummax(reset.astype(jnp.int32), axis=F.ndim - 1) > 0      # some r <= tau
+    reset_after = lax.cummax(reset.astype(jnp.int32), axis=F.ndim - 1, reverse=True) > 0
+    reset_after = jnp.concatenate([reset_after[..., 1:], jnp.zeros_like(reset[..., :1])], -1)
+    F_seg = jnp.where(reset, 0.0, F)                      # keeps |bh| <= L 2^12: lo resolves it
+    bh, bl = compensated_cumsum(F_seg)
+    g = bh[..., -1] + bl[..., -1]                                   # [..., NC]
+    F_after = jnp.concatenate([F_seg[..., 1:], jnp.zeros_like(F[..., :1])], axis=-1)
+    a = lax.cumsum(F_after, axis=F.ndim - 1, reverse=True) + logi   # same-sign sums: accurate
+    log_scale = jnp.log(jnp.asarray(scale, F.dtype))
+    if exp_gate:
+        _, A = lax.associative_scan(_compose, (F, logi), axis=-1)  # max_{s<=tau} (b_tau-b_s+logi_s)
+        A = lax.stop_gradient(A)
+        G, M = lax.associative_scan(_compose, (lax.stop_gradient(jnp.sum(F, -1)), A[..., -1]),
+                                    axis=-1)
+        m_next = lax.stop_gradient(jnp.maximum(m0[..., None] + G, M))   # [..., NC]
+        m_states = jnp.concatenate([m0[..., None], m_next], axis=-1)
+        m_prev = m_states[..., :-1, None]
+        log_b = (m_prev + lax.stop_gradient(bh)) + lax.stop_gradient(bl)
+        m_row = jnp.where(reset_before, A, jnp.maximum(log_b, A))
+        # Nothing but the initial state contributes: keep the recurrent's m (the floor needs it).
+        m_row = jnp.where(m_row == -jnp.inf, lax.stop_gradient(m_prev + jnp.cumsum(F, -1)), m_row)
+        log_inter = (m_prev + bh) + bl - m_row
+        floor = jnp.exp(-m_row)
+    else:
+        m_states = jnp.zeros((*lead, NC + 1), F.dtype)
+        m_row = jnp.zeros_like(F)
+        log_inter = bh + bl
+        floor = jnp.ones_like(F)
+    m_next = m_states[..., 1:]
+    m_prev = m_states[..., :-1]
+    flat = lambda x: x.reshape(*lead, NC * L)  # noqa: E731
+    zero = jnp.zeros((), F.dtype)
+    return ChunkGates(
+        bh=flat(bh),
+        row=flat((bl - m_row) + log_scale),
+        col=flat(logi - bl),
+        start=flat(start),
+        w_inter=flat(jnp.where(reset_before, zero, jnp.exp(log_inter + log_scale))),
+        w_state=flat(jnp.where(reset_after, zero, jnp.exp(a - m_next[..., None]))),
+        floor=flat(floor),
+        decay=jnp.where(jnp.any(reset, -1), zero, jnp.exp(g + m_prev - m_next)),
+        m_row=flat(m_row),
+        m_states=m_states,
+    )
+
+
+def intra_log_weights(bh_q, row_q, bh_kv, col_kv):
+    """log P[..., t, s] = (bh_t - bh_s) + row_t + col_s: [..., queries, keys] (before the mask).
+
+    bh_q, row_q: [..., queries]; bh_kv, col_kv: [..., keys] (ChunkGates fields).
+    """
+    return ((bh_q[..., :, None] - bh_kv[..., None, :]) + row_q[..., :, None]) + col_kv[..., None, :]
+
+
+def intra_log_weights_t(bh_q, row_q, bh_kv, col_kv):
+    """log P^T: [..., keys, queries], built directly (kernels have no register transpose)."""
+    return ((bh_q[..., None, :] - bh_kv[..., :, None]) + row_q[..., None, :]) + col_kv[..., :, None]
+
+
+def intra_mask(q_pos, kv_pos, start_q):
+    """start_t <= s <= t: [queries, keys]. q_pos, start_q: [..., queries]; kv_pos: [..., keys]."""
+    return ((kv_pos[..., None, :] <= q_pos[..., :, None])
+            & (kv_pos[..., None, :] >= start_q[..., :, None]))
+
+
+def intra_mask_t(q_pos, kv_pos, start_q):
+    """The transposed mask: [keys, queries]."""
+    return ((kv_pos[..., :, None] <= q_pos[..., None, :])
+            & (kv_pos[..., :, None] >= start_q[..., None, :]))
+
+
+def masked_exp(log_w, mask):
+    """exp(log_w) where mask, else exactly 0 (a select: inf off the mask never leaks)."""
+    return jnp.where(mask, jnp.exp2(log_w * LOG2E), 0.0)
