@@ -58,7 +58,12 @@ def test_bad_arrays_name_the_argument(inputs):
     (dict(eps=float("nan")), "eps"),
     (dict(scale=float("inf")), "scale"),
     (dict(config=object()), "config"),
-    (dict(config=tfla_jax.TilingConfig(), implementation="chunkwise"), "config"),
+    (dict(config=tfla_jax.TritonConfig(), implementation="chunkwise"), "config"),
+    (dict(config=tfla_jax.TritonConfig(chunk_size=32), chunk_size=64,
+          implementation="pallas_triton", interpret=True), "chunk_size"),
+    (dict(scale=0.0), "scale"),
+    (dict(scale=-1.0), "scale"),
+    (dict(interpret="yes"), "interpret"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_options_name_the_argument(inputs, kwargs, name):
     q, k, v, i, f, _ = inputs
@@ -80,12 +85,51 @@ def test_bad_state_names_the_argument(inputs):
         mlstm_step(q, k, v, i, f, s)
 
 
-def test_pallas_without_gpu_is_a_clear_error(inputs):
+@pytest.mark.parametrize("impl", ["pallas", *tfla_jax.available_backends()])
+def test_kernels_without_gpu_are_a_clear_error(inputs, impl):
+    """A named kernel backend traces anywhere (cross-lowering); compiling it for the CPU without
+    interpret=True fails at that point, naming the fix."""
     if jax.default_backend() == "gpu":
         pytest.skip("this checks the message on machines without a GPU")
     q, k, v, i, f, _ = inputs
-    with pytest.raises(ValueError, match="implementation"):
-        mlstm(q, k, v, i, f, implementation="pallas")
+    with pytest.raises(ValueError, match=r"implementation: .*interpret=True"):
+        mlstm(q, k, v, i, f, implementation=impl)
+    jax.jit(lambda *a: mlstm(*a, implementation=impl)[0]).trace(q, k, v, i, f)  # traces fine
+
+
+def test_kernel_backend_declines_with_a_reason(inputs):
+    q, k, v, i, f, _ = inputs
+    up = [x.astype(jnp.float64) for x in (q, k, v, i, f)] if jax.config.jax_enable_x64 else None
+    if up is not None:  # no float64 kernels: named, it declines; "pallas"/None take chunkwise
+        with pytest.raises(ValueError, match="implementation: .*pallas_triton.*dtype float64"):
+            mlstm(*up, implementation="pallas_triton", interpret=True)
+        h, _ = mlstm(*up, implementation="pallas", interpret=True)
+        assert h.dtype == jnp.float64
+    with pytest.raises(ValueError, match="config"):
+        mlstm(q, k, v, i, f, implementation="pallas_triton", config=object(), interpret=True)
+
+
+def test_config_is_validated_at_construction():
+    for field, bad in (("chunk_size", 48), ("block_q", 8), ("num_warps", 3), ("num_stages", 0),
+                       ("bwd_block_k_out", 96), ("keep_states", 1)):
+        with pytest.raises(ValueError, match=f"TritonConfig.{field}"):
+            tfla_jax.TritonConfig(**{field: bad})
+    cfg = tfla_jax.TritonConfig.default(96, 200, 1000, jnp.bfloat16)
+    assert cfg.chunk_size == 256 and cfg == tfla_jax.TritonConfig(**cfg.__dict__)
+    assert hash(cfg) == hash(tfla_jax.TritonConfig(**cfg.__dict__))  # a jit static argument
+
+
+def test_registry_and_lazy_models():
+    assert "pallas_triton" in tfla_jax.available_backends()
+    assert tfla_jax.get_backend("pallas_triton").config_cls is tfla_jax.TritonConfig
+    assert set(tfla_jax.available_backends()) <= set(tfla_jax.IMPLEMENTATIONS)
+    code = ("import sys, tfla_jax; assert 'flax' not in sys.modules and 'safetensors' not in "
+            "sys.modules, sorted(m for m in sys.modules if m.startswith(('flax', 'safe'))); "
+            "tfla_jax.layers.xLSTMConfig; assert 'flax' in sys.modules")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_defaults(inputs):
@@ -102,7 +146,7 @@ def test_defaults(inputs):
     h3, s3 = mlstm(q, k, v, i, f, initial_state=zero, return_state=True)
     assert_close((h3, *s3), (h_ref, *s_ref), 1e-5, "zero state")
     if jax.default_backend() != "gpu":  # implementation=None always runs; a kernel config is moot
-        h4, _ = mlstm(q, k, v, i, f, config=tfla_jax.TilingConfig())
+        h4, _ = mlstm(q, k, v, i, f, config=tfla_jax.TritonConfig())
         assert_close(h4, h_ref, 1e-5, "default implementation with a config")
 
 

@@ -1,10 +1,30 @@
-"""The one random-input factory and the one tolerance helper shared by all tests."""
+"""What every test shares: the input factory, the extreme-gate cases, the references and the
+tolerance helpers, and the switch between interpreted (CPU) and compiled (GPU) kernels."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import tfla_jax
 from tfla_jax import MLSTMState
+
+ON_GPU = False          # set by `pytest --gpu` (tests/conftest.py)
+NAMES = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
+
+
+def kernel_backends():
+    return tfla_jax.available_backends()
+
+
+def x64() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def run(impl, *args, **kw):
+    """tfla_jax.mlstm with implementation=impl, kernels interpreted unless running on the GPU."""
+    if impl in kernel_backends() or impl == "pallas":
+        kw.setdefault("interpret", not ON_GPU)
+    return tfla_jax.mlstm(*args, implementation=impl, **kw)
 
 
 def make_inputs(seed, B, T, H, K, V, dtype=jnp.float32, *, with_state=False, i_range=None,
@@ -33,6 +53,75 @@ def make_inputs(seed, B, T, H, K, V, dtype=jnp.float32, *, with_state=False, i_r
     return (*arrays, state)
 
 
+def extreme_gates(name, shape, seed=0):
+    """(i~, f~) float32 numpy arrays of one named extreme-gate case (the numerics table)."""
+    rng = np.random.default_rng(seed)
+    normal = rng.normal(size=shape)
+    if name == "f=-1e4":
+        return normal, np.full(shape, -1e4)
+    if name == "f=-100":
+        return normal, np.full(shape, -100.0)
+    if name == "resets":                       # f~ = -1e4 every 37 steps, else +100
+        f = np.full(shape, 100.0)
+        f[:, ::37] = -1e4
+        return normal, f
+    if name == "mixture":
+        f = rng.choice([-1e4, -100.0, 100.0, np.nan], size=shape)
+        f = np.where(np.isnan(f), rng.normal(3.0, 1.0, size=shape), f)
+        i = rng.choice([80.0, -1e4, np.nan], size=shape)
+        return np.where(np.isnan(i), normal, i), f
+    if name == "capped":                       # xLSTM 7B's soft-capped range, f~ = 15 tanh(3 z)
+        return normal, 15.0 * np.tanh(3.0 * rng.normal(size=shape))
+    if name == "f=-3e38":                      # finite, overflows any plain cumsum
+        return normal, np.where(rng.random(shape) < 0.01, -3e38, 3.0)
+    if name == "f=-1e30":
+        f = np.full(shape, 3.0)
+        f[:, shape[1] // 2] = -1e30
+        return normal, f
+    if name == "f=-inf":                       # hard resets
+        return normal, np.where(rng.random(shape) < 0.05, -np.inf, 3.0)
+    if name == "i=-inf":                       # no input at all
+        return np.full(shape, -np.inf), rng.normal(3.0, 1.0, size=shape)
+    if name == "i=-inf,f=-inf":
+        return (np.where(rng.random(shape) < 0.5, -np.inf, normal),
+                np.where(rng.random(shape) < 0.1, -np.inf, 3.0))
+    raise KeyError(name)
+
+
+EXTREME = ("f=-1e4", "f=-100", "resets", "mixture", "capped", "f=-3e38", "f=-1e30", "f=-inf",
+           "i=-inf", "i=-inf,f=-inf")
+
+
+def numpy_scan(q, k, v, i, f, *, input_gate="exp", normalize=True, scale=None, eps=1e-6):
+    """The recurrence in numpy float64, independent of jax and of x64: h (B, T, H, V)."""
+    q, k, v, i, f = (np.asarray(x, np.float64) for x in (q, k, v, i, f))
+    B, T, H, K = q.shape
+    q = q * (K ** -0.5 if scale is None else scale)
+    c = np.zeros((B, H, K, v.shape[-1]))
+    n = np.zeros((B, H, K))
+    m = np.zeros((B, H))
+    h = np.zeros(v.shape)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        F = np.maximum(-np.logaddexp(0.0, -f), -1e30)
+        logi = i if input_gate == "exp" else -np.logaddexp(0.0, -i)
+        for t in range(T):
+            if input_gate == "exp":
+                m_new = np.maximum(F[:, t] + m, logi[:, t])
+            else:
+                m_new = np.zeros_like(m)
+            fa, ia = np.exp(F[:, t] + m - m_new), np.exp(logi[:, t] - m_new)
+            c = fa[..., None, None] * c + ia[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+            n = fa[..., None] * n + ia[..., None] * k[:, t]
+            m = m_new
+            num = np.einsum("bhk,bhkv->bhv", q[:, t], c)
+            if normalize:
+                floor = np.exp(-m) if input_gate == "exp" else 1.0
+                num = num / (np.maximum(np.abs(np.einsum("bhk,bhk->bh", q[:, t], n)), floor)
+                             + eps)[..., None]
+            h[:, t] = num
+    return h
+
+
 def random_like(seed, tree):
     """Random normal arrays shaped like the leaves of tree (cotangents)."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -42,12 +131,15 @@ def random_like(seed, tree):
 
 
 def rel_err(a, b) -> float:
-    """Relative RMS error ||a - b|| / ||b|| in float64 (0 when both are 0)."""
+    """Relative RMS error ||a - b|| / ||b|| in float64 (0 when both are 0).
+
+    Values below float32's smallest normal number carry no relative precision in float32 (e.g.
+    d f~ = dF sigmoid(-f~) at f~ = -100 is ~1e-44), so ||b|| counts as at least that per element.
+    """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    denom = np.linalg.norm(b)
-    num = np.linalg.norm(a - b)
-    return float(num / denom) if denom > 0 else float(num)
+    denom = max(np.linalg.norm(b), np.finfo(np.float32).tiny * np.sqrt(b.size))
+    return float(np.linalg.norm(a - b) / denom)
 
 
 def assert_close(actual, expected, tol, name=""):
@@ -59,3 +151,17 @@ def assert_close(actual, expected, tol, name=""):
         assert np.all(np.isfinite(np.asarray(a, np.float64))), f"{name}[{idx}]: non-finite values"
         err = rel_err(a, b)
         assert err <= tol, f"{name}[{idx}]: relative RMS error {err:.3e} > {tol:.1e}"
+
+
+def common_stabiliser(state, ref_state):
+    """Both states in the stabiliser max(m, m_ref): a state is only defined up to its stabiliser
+    ((C, n, m) ~ (e^d C, e^d n, m - d)), and two exact forms may pick different ones where the
+    difference is invisible (a reset followed by no input)."""
+    m = np.maximum(np.asarray(state.m, np.float64), np.asarray(ref_state.m, np.float64))
+
+    def rescale(s):
+        w = np.exp(np.asarray(s.m, np.float64) - m)
+        return (np.asarray(s.c, np.float64) * w[..., None, None],
+                np.asarray(s.n, np.float64) * w[..., None])
+
+    return rescale(state), rescale(ref_state)

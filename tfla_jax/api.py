@@ -276,7 +276,7 @@ def _mlstm_kernel_bwd(static, saved, cotangents):
     # d F_t = sum_{t <= t' in c} (q . dq - k . dk)_t' + <C_{c+1}, dC_{c+1}> + <n_{c+1}, dn_{c+1}>
     # (the whole-sequence reverse cumsum, telescoped at chunk boundaries).
     per_chunk = lambda x: x.reshape(B, H, T // L, L)  # noqa: E731
-    dF = lax.cumsum(per_chunk(g.qdq - g.kdk), axis=3, reverse=True) + g.zc[..., None]
+    dF = lax.cumsum(per_chunk(g.r), axis=3, reverse=True) + g.zc[..., None]
     rows = lambda x: jnp.swapaxes(x.reshape(B, H, T), 1, 2)  # noqa: E731  (B, H, T) -> (B, T, H)
 
     def log_gates(i, f):

@@ -170,19 +170,23 @@ def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float) -> ChunkGates:
     m_next = m_states[..., 1:]
     m_prev = m_states[..., :-1]
     flat = lambda x: x.reshape(*lead, NC * L)  # noqa: E731
-    zero = jnp.zeros((), F.dtype)
     return ChunkGates(
         bh=flat(bh),
         row=flat((bl - m_row) + log_scale),
         col=flat(logi - bl),
         start=flat(start),
-        w_inter=flat(jnp.where(reset_before, zero, jnp.exp(log_inter + log_scale))),
-        w_state=flat(jnp.where(reset_after, zero, jnp.exp(a - m_next[..., None]))),
+        w_inter=flat(_masked_exp(reset_before, log_inter + log_scale)),
+        w_state=flat(_masked_exp(reset_after, a - m_next[..., None])),
         floor=flat(floor),
-        decay=jnp.where(jnp.any(reset, -1), zero, jnp.exp(g + m_prev - m_next)),
+        decay=_masked_exp(jnp.any(reset, -1), g + m_prev - m_next),
         m_row=flat(m_row),
         m_states=m_states,
     )
+
+
+def _masked_exp(killed, x):
+    """exp(x), exactly 0 where killed (masked before the exp, so gradients stay finite)."""
+    return jnp.exp(jnp.where(killed, -jnp.inf, x))
 
 
 def intra_log_weights(bh_q, row_q, bh_kv, col_kv):
@@ -198,18 +202,27 @@ def intra_log_weights_t(bh_q, row_q, bh_kv, col_kv):
     return ((bh_q[..., None, :] - bh_kv[..., :, None]) + row_q[..., None, :]) + col_kv[..., :, None]
 
 
-def intra_mask(q_pos, kv_pos, start_q):
-    """start_t <= s <= t: [queries, keys]. q_pos, start_q: [..., queries]; kv_pos: [..., keys]."""
-    return ((kv_pos[..., None, :] <= q_pos[..., :, None])
-            & (kv_pos[..., None, :] >= start_q[..., :, None]))
+def intra_mask(q_pos, kv_pos, start_q, strict=False):
+    """start_t <= s <= t (s < t if strict): [queries, keys]. q_pos, start_q: [..., queries];
+    kv_pos: [..., keys]."""
+    causal = (kv_pos[..., None, :] < q_pos[..., :, None]) if strict else (
+        kv_pos[..., None, :] <= q_pos[..., :, None])
+    return causal & (kv_pos[..., None, :] >= start_q[..., :, None])
 
 
-def intra_mask_t(q_pos, kv_pos, start_q):
+def intra_mask_t(q_pos, kv_pos, start_q, strict=False):
     """The transposed mask: [keys, queries]."""
-    return ((kv_pos[..., :, None] <= q_pos[..., None, :])
-            & (kv_pos[..., :, None] >= start_q[..., None, :]))
+    causal = (kv_pos[..., :, None] < q_pos[..., None, :]) if strict else (
+        kv_pos[..., :, None] <= q_pos[..., None, :])
+    return causal & (kv_pos[..., :, None] >= start_q[..., None, :])
+
+
+def diagonal_weight(row, col):
+    """P[t, t] = exp(row_t + col_t) (the bh parts cancel on the diagonal). row, col: [..., T]."""
+    return jnp.exp2((row + col) * LOG2E)
 
 
 def masked_exp(log_w, mask):
-    """exp(log_w) where mask, else exactly 0 (a select: inf off the mask never leaks)."""
-    return jnp.where(mask, jnp.exp2(log_w * LOG2E), 0.0)
+    """exp(log_w) where mask, else exactly 0. The select comes before the exp: off the mask
+    log_w may be large and positive, and exp(inf) would turn autodiff's 0 cotangent into NaN."""
+    return jnp.exp2(jnp.where(mask, log_w, -jnp.inf) * LOG2E)

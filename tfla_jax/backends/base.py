@@ -48,7 +48,10 @@ class KernelGrads(NamedTuple):
     """What a backend's backward returns (the policy turns it into gate gradients).
 
     dq, dk: (B, T, H, K), dv: (B, T, H, V) in the input dtypes;
-    qdq, kdk: (B, H, T) float32 row dots q_t . dq_t and k_t . dk_t (unscaled q, complete grads);
+    r: (B, H, T) float32, q_t . dq_t - k_t . dk_t (unscaled q, complete grads), formed without
+        the diagonal terms dS_tt S_tt that cancel exactly (where forget gates are small they
+        dominate both dots, and their rounding would swamp d f~);
+    kdk: (B, H, T) float32, k_t . dk_t;
     zc: (B, H, NC) float32, <C_{c+1}, dC_{c+1}> + <n_{c+1}, dn_{c+1}> for the state leaving
         chunk c (c = NC-1 is the final state and its cotangent);
     dc0 (B, H, K, V), dn0 (B, H, K) float32: the initial-state cotangents.
@@ -57,7 +60,7 @@ class KernelGrads(NamedTuple):
     dq: jax.Array
     dk: jax.Array
     dv: jax.Array
-    qdq: jax.Array
+    r: jax.Array
     kdk: jax.Array
     zc: jax.Array
     dc0: jax.Array

@@ -71,15 +71,15 @@ class TritonBackend(Backend):
                     w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
                     dden=norm.dden)
         opts = dict(config=cfg, interpret=interpret)
-        dq, qdq = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
-        dk, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
+        dq, qdq_off = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
+        dk, kdk_off, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
         dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
         # <C_c, dC_c> + <n_c, dn_c> per boundary; the final one from the float32 C_T.
         zc = jnp.sum(zc, axis=(2, 3)) + jnp.sum(n_states * dn_states, axis=-1)  # (B, H, NC+1)
         z_T = jnp.sum(dc_T * c_last, axis=(-2, -1)) + jnp.sum(dn_T * n_states[:, :, NC], -1)
         zc = zc.at[..., NC].set(z_T)
-        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], jnp.sum(qdq, axis=2),
-                           jnp.sum(kdk, axis=2), zc[..., 1:], dc_first[..., :K, :V],
+        r = jnp.sum(qdq_off, axis=2) - jnp.sum(kdk_off, axis=2)
+        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r, jnp.sum(kdk, axis=2), zc[..., 1:], dc_first[..., :K, :V],
                            dn_states[:, :, 0, :K])
 
 

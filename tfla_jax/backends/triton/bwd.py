@@ -6,7 +6,10 @@ With the stabiliser held constant, per (b, h) and chunk c (docs/kernels.md):
     dk_s = sum_t dA_ts q_t + w_state_s (dC_{c+1} v_s + dn_{c+1})
     dv_s = sum_t S_ts dnum_t + w_state_s dC_{c+1}^T k_s
 (P, w_inter include the query scale; dC, dn come from `states.state_grads`). The dq and dk
-kernels also return the row dots q . dq and k . dk that the gate gradients are made of.
+kernels also return the row dots q . dq and k . dk that the gate gradients are made of, without
+the diagonal term dA_tt (q_t . k_t) (it cancels exactly in q . dq - k . dk, and where forget
+gates are small it dominates both): the tile loops mask s < t strictly and the diagonal is added
+from per-row quantities, dA_tt = (inv_n_t dh_t . v_t + dden_t) P_tt.
 Gate vectors travel as dicts of (B, H, T) rows: one BlockSpec per dict entry.
 """
 
@@ -19,6 +22,17 @@ from jax.experimental import pallas as pl
 from tfla_jax import gates
 from tfla_jax.backends.triton.common import (F32, NN, NT, idiv, irem, out_struct, params,
                                              precision, state_dtype)
+
+
+def _diagonal_da(dh_ref, v_ref, v_rows, dh_rows, inv_n, dden, row, col, num_v, block_v):
+    """dA_tt = (inv_n_t dh_t . v_t + dden_t) P_tt for a tile of rows: [rows]."""
+    def body(vt, acc):
+        cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
+        return acc + jnp.sum(dh_ref[dh_rows, cols].astype(F32) * v_ref[v_rows, cols].astype(F32),
+                             axis=1)
+
+    dh_v = lax.fori_loop(0, num_v, body, jnp.zeros(inv_n.shape, F32))
+    return (dh_v * inv_n + dden) * gates.diagonal_weight(row, col)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, qdq_ref, *,
@@ -45,7 +59,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, q
         kv_pos = s * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
         p = gates.masked_exp(
             gates.intra_log_weights(bh_q, row_q, chunk["bh"][kv], chunk["col"][kv]),
-            gates.intra_mask(q_pos, kv_pos, start_q))
+            gates.intra_mask(q_pos, kv_pos, start_q, strict=True))
         d_a = (dh_v * inv_n[:, None] + dden[:, None]) * p                   # [bq, bkv]
         return dq + lax.dot_general(d_a.astype(dtype), k_ref[kv, :], NN,
                                     preferred_element_type=F32, precision=precision)
@@ -62,16 +76,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, q
     dh_c = lax.fori_loop(0, num_v, inter_body, jnp.zeros(dq_ref.shape, F32))
     w = rows["w_inter"][...]
     dq = dq + w[:, None] * (inv_n[:, None] * dh_c + dden[:, None] * n_ref[...][None, :])
-    dq_ref[...] = dq.astype(dq_ref.dtype)
     qdq_ref[...] = jnp.sum(q_ref[...].astype(F32) * dq, axis=1)
+    own = pl.ds(pl.multiple_of(tile * block_q, block_q), block_q)           # the diagonal
+    d_diag = _diagonal_da(dh_ref, v_ref, own, slice(None), inv_n, dden, row_q,
+                          chunk["col"][own], num_v, block_v)
+    dq = dq + d_diag[:, None] * k_ref[own, :].astype(F32)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref, kdk_ref, *,
+def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref, kdk_off_ref,
+               kdk_ref, *,
                chunk_size, block_q, block_kv, block_v, precision, op_dtype):
     # k_ref [bkv, bko], v_ref [bkv, Vp]; q_ref [L, bko], dh_ref [L, Vp] (this chunk);
     # rows: bh, col, w_state [bkv]; chunk: bh, row, start, inv_n, dden [L];
     # dc_ref [bko, Vp], dn_ref [bko] (cotangent of the state leaving the chunk);
-    # out dk_ref [bkv, bko], kdk_ref [bkv].
+    # out dk_ref [bkv, bko], kdk_off_ref [bkv] (without the diagonal), kdk_ref [bkv].
     dtype = k_ref.dtype
     num_v = v_ref.shape[-1] // block_v
     tile = irem(pl.program_id(0), chunk_size // block_kv)
@@ -90,7 +109,7 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref,
         q_pos = t * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
         p_t = gates.masked_exp(
             gates.intra_log_weights_t(chunk["bh"][qr], chunk["row"][qr], bh_kv, col_kv),
-            gates.intra_mask_t(q_pos, kv_pos, chunk["start"][qr]))
+            gates.intra_mask_t(q_pos, kv_pos, chunk["start"][qr], strict=True))
         d_at = (v_dh * chunk["inv_n"][qr][None, :] + chunk["dden"][qr][None, :]) * p_t
         return dk + lax.dot_general(d_at.astype(dtype), q_ref[qr, :], NN,
                                     preferred_element_type=F32, precision=precision)
@@ -106,8 +125,14 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref,
 
     inter = lax.fori_loop(0, num_v, inter_body, jnp.zeros(dk_ref.shape, F32))
     dk = dk + rows["w_state"][...][:, None] * (inter + dn_ref[...][None, :])
+    kf = k_ref[...].astype(F32)
+    kdk_off_ref[...] = jnp.sum(kf * dk, axis=1)
+    own = pl.ds(pl.multiple_of(tile * block_kv, block_kv), block_kv)        # the diagonal
+    d_diag = _diagonal_da(dh_ref, v_ref, slice(None), own, chunk["inv_n"][own],
+                          chunk["dden"][own], chunk["row"][own], col_kv, num_v, block_v)
+    dk = dk + d_diag[:, None] * q_ref[own, :].astype(F32)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    kdk_ref[...] = jnp.sum(k_ref[...].astype(F32) * dk, axis=1)
+    kdk_ref[...] = jnp.sum(kf * dk, axis=1)
 
 
 def _dv_kernel(k_ref, q_ref, dh_ref, rows, chunk, dc_ref, dv_ref, *, chunk_size, block_q,
@@ -170,7 +195,8 @@ def _pick(gt_rows, names):
 
 
 def intra_dq(q, k, v, dh, gt_rows, c_states, n_states, *, config, interpret):
-    """dq (B, T, H, K) in q's dtype and partial row dots q . dq (B, H, K/bko, T) float32.
+    """dq (B, T, H, K) in q's dtype and partial row dots q . dq without the diagonal term
+    (B, H, K/bko, T) float32.
 
     gt_rows: dict of (B, H, T) rows: bh, row, col, start, inv_n, dden, w_inter, w_state.
     """
@@ -207,7 +233,8 @@ def intra_dq(q, k, v, dh, gt_rows, c_states, n_states, *, config, interpret):
 
 
 def intra_dk(q, k, v, dh, gt_rows, dc_states, dn_states, *, config, interpret):
-    """dk (B, T, H, K) in k's dtype and partial row dots k . dk (B, H, K/bko, T) float32."""
+    """dk (B, T, H, K) in k's dtype and the partial row dots k . dk without and with the
+    diagonal term (B, H, K/bko, T) float32."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     L, bq, bkv, bko = (config.chunk_size, config.bwd_block_q, config.bwd_block_kv,
@@ -234,8 +261,10 @@ def intra_dk(q, k, v, dh, gt_rows, dc_states, dn_states, *, config, interpret):
         out_specs=[
             pl.BlockSpec((None, bkv, None, bko), lambda j, d, b, h: (b, j, h, d)),
             pl.BlockSpec((None, None, None, bkv), lambda j, d, b, h: (b, h, d, j)),
+            pl.BlockSpec((None, None, None, bkv), lambda j, d, b, h: (b, h, d, j)),
         ],
-        out_shape=[out_struct(k.shape, k.dtype, k), out_struct((B, H, K // bko, T), F32, k)],
+        out_shape=[out_struct(k.shape, k.dtype, k), out_struct((B, H, K // bko, T), F32, k),
+                   out_struct((B, H, K // bko, T), F32, k)],
         compiler_params=params(config.bwd_num_warps, config.bwd_num_stages),
         interpret=interpret,
         name="mlstm_bwd_dk",

@@ -40,7 +40,7 @@ def padded_head_dim(d: int) -> int:
 
 def fit_block(block: int, dim: int) -> int:
     """The largest power of two <= block that divides dim (dim a multiple of MIN_BLOCK)."""
-    b = min(block, _next_pow2(dim))
+    b = 1 << (min(block, dim).bit_length() - 1)
     while dim % b:
         b //= 2
     return max(b, MIN_BLOCK)
