@@ -11,17 +11,18 @@ Reports tokens/s and model FLOP utilisation (MFU):
 N: parameters without the embedding table (the table is a lookup, not a matmul); the second term is
 the mLSTM cell (train_lm.model_flops_per_token: chunk states k v^T and read-out q C, 4 K V per token
 and head forward, plus the causal, attention-like q k^T and (q k^T) v inside chunks of length L,
-L (K + V)); backward counted as twice the forward. peak: 800 TFLOP/s by default, the dense bf16
-matrix-product rate measured on the H100 / H200 machines (--peak-tflops to change).
+L (K + V)); backward counted as twice the forward. peak: the dense bf16 matrix-product rate
+measured on the machine kind (common.PEAKS: H200 790, H100 800 TFLOP/s; --peak-tflops to change).
+Peak memory: the allocator's lifetime peak on device 0 after the timed steps.
 
-    PYTHONPATH=. python benchmarks/bench_train.py    # small + medium presets, pallas + chunkwise
-    PYTHONPATH=. python benchmarks/bench_train.py --presets small --implementations pallas --steps 50
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_train.py --out $OUT
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_train.py --presets small \
+        --implementations pallas --steps 50 --out $OUT
 
-Prints one JSON line per configuration and writes them all to $OUT/bench_train.json (or --out).
+Prints one JSON line per configuration, then a table; writes $OUT/bench_train.json (or --out).
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,20 +34,29 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "examples"))
 import train_lm  # noqa: E402
-from tfla_jax import ops  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 # Per preset: (sequences per step, sequence length); about 64K / 32K tokens per step.
 SHAPES = {"tiny": (16, 256), "small": (32, 2048), "medium": (16, 2048)}
 
 
+COLUMNS = [("preset", "preset", "{}"), ("implementation", "mLSTM implementation", "{}"),
+           ("params_m", "params M", "{:.1f}"), ("batch", "batch", "{}"),
+           ("seq_len", "seq", "{}"), ("chunk", "L", "{}"), ("step_ms", "step ms", "{:.1f}"),
+           ("tokens_per_s", "tokens/s", "{:,.0f}"), ("model_tflops", "model TFLOP/s", "{:.1f}"),
+           ("mfu", "MFU", "{:.1%}"), ("peak_mem_gb", "peak mem GB", "{:.1f}"),
+           ("compile_s", "compile s", "{:.0f}"), ("error", "error", "{:.120}")]
+
+
 def chunk_size_used(cfg, impl: str, seq_len: int) -> int:
     """The chunk length L the implementation runs with (for the FLOP count)."""
-    if cfg.chunk_size:
-        return cfg.chunk_size
-    if impl == "pallas":
-        from tfla_jax.pallas.config import TilingConfig
-        return min(TilingConfig().chunk_size, ops._next_pow2(seq_len))
-    return min(ops.DEFAULT_CHUNK_SIZE_XLA, ops._next_pow2(seq_len))
+    import tfla_jax
+
+    L = common.Tfla(tfla_jax).chunk_used(impl, cfg.qk_head_dim, cfg.v_head_dim, seq_len,
+                                         cfg.dtype, "exp", cfg.chunk_size)
+    return L or min(256, seq_len)
 
 
 def bench_one(preset, impl, args):
@@ -83,7 +93,7 @@ def bench_one(preset, impl, args):
     tokens_per_s = args.steps * batch * seq_len / seconds
     L = chunk_size_used(cfg, impl, seq_len)
     flops_per_token = train_lm.model_flops_per_token(cfg, L)
-    mem = jax.devices()[0].memory_stats() or {}
+    mem = common.device_peak_bytes()
     return dict(
         device=jax.devices()[0].device_kind, num_devices=run.mesh.size, preset=preset,
         implementation=impl, dtype=cfg.dtype.name, params_m=cfg.num_params / 1e6,
@@ -92,10 +102,10 @@ def bench_one(preset, impl, args):
         remat=args.remat, steps_timed=args.steps, compile_s=compile_s,
         step_ms=seconds / args.steps * 1e3, tokens_per_s=tokens_per_s,
         flops_per_token=flops_per_token, model_tflops=tokens_per_s * flops_per_token / 1e12,
-        mfu=tokens_per_s * flops_per_token / (args.peak_tflops * 1e12),
-        peak_tflops=args.peak_tflops, loss_first=losses[0], loss_last=losses[-1],
+        mfu=tokens_per_s * flops_per_token / args.peak_flops,
+        peak_tflops=args.peak_flops / 1e12, loss_first=losses[0], loss_last=losses[-1],
         losses_finite=bool(np.all(np.isfinite(losses))),
-        peak_mem_gb=mem.get("peak_bytes_in_use", 0) / 1e9 or None)
+        peak_mem_gb=None if mem is None else mem / 1e9)
 
 
 def main(argv=None):
@@ -110,14 +120,17 @@ def main(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--remat", action="store_true")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: train_lm's auto")
-    p.add_argument("--peak-tflops", type=float, default=800.0)
+    p.add_argument("--peak-tflops", type=float, help="default: common.PEAKS by device")
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on CPU")
-    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_train.json")
+    p.add_argument("--out", default=os.environ.get("OUT", "."),
+                   help="directory for bench_train.json")
     args = p.parse_args(argv)
     if jax.default_backend() != "gpu" and not args.allow_cpu:
         sys.exit(f"bench_train.py measures GPU training; the backend is {jax.default_backend()!r} "
                  "(--allow-cpu to smoke-test)")
     print(f"devices: {jax.devices()}", flush=True)
+    info = common.run_info()
+    args.peak_flops = common.peaks_for(info["device"], args.peak_tflops)[0]
     results = []
     for preset in args.presets.split(","):
         for impl in args.implementations.split(","):
@@ -127,19 +140,10 @@ def main(argv=None):
                 traceback.print_exc()
                 r = dict(preset=preset, implementation=impl, error=f"{type(e).__name__}: {e}"[:2000])
             results.append(r)
-            print(json.dumps(r), flush=True)
-            if args.out:  # after every configuration: a later failure keeps the earlier rows
-                os.makedirs(args.out, exist_ok=True)
-                with open(os.path.join(args.out, "bench_train.json"), "w") as fh:
-                    json.dump(results, fh, indent=1)
-    for r in results:
-        if "error" in r:
-            print(f"{r['preset']:>7} {r['implementation']:>10}: {r['error'][:120]}")
-        else:
-            print(f"{r['preset']:>7} {r['implementation']:>10}: {r['tokens_per_s']:>12,.0f} tokens/s "
-                  f"{r['step_ms']:8.1f} ms/step  MFU {r['mfu']:6.1%}  "
-                  f"({r['model_tflops']:.1f} TFLOP/s, {r['params_m']:.1f}M params, "
-                  f"{r['batch']}x{r['seq_len']}, compile {r['compile_s']:.0f} s)")
+            common.log_row(r)
+            # after every configuration: a later failure keeps the earlier rows
+            common.write_results(args.out, "bench_train", results, info, COLUMNS, table=False)
+    common.write_results(args.out, "bench_train", results, info, COLUMNS)
     return results
 
 

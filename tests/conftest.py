@@ -4,11 +4,29 @@ fp32, honest tolerances) instead of interpreted on the CPU (float32, tight toler
 import pytest
 
 
+import json
+
+
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", default=False,
                      help="run kernel backends compiled on the GPU (interpret=False)")
+    parser.addoption("--error-report", default=None, metavar="PATH",
+                     help="write every checked relative error (test, quantity, error, bound) as JSON")
 
 
 def pytest_configure(config):
     from tests import utils
     utils.ON_GPU = config.getoption("--gpu")
+
+
+def pytest_runtest_setup(item):
+    from tests import utils
+    utils.CURRENT_TEST = item.nodeid
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--error-report")
+    if path:
+        from tests import utils
+        with open(path, "w") as f:
+            json.dump(utils.REPORT, f, indent=0)

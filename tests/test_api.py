@@ -122,7 +122,7 @@ def test_config_is_validated_at_construction():
 def test_registry_and_lazy_models():
     assert "pallas_triton" in tfla_jax.available_backends()
     assert tfla_jax.get_backend("pallas_triton").config_cls is tfla_jax.TritonConfig
-    assert set(tfla_jax.available_backends()) <= set(tfla_jax.IMPLEMENTATIONS)
+    assert set(tfla_jax.available_backends()) <= set(tfla_jax.implementations())
     code = ("import sys, tfla_jax; assert 'flax' not in sys.modules and 'safetensors' not in "
             "sys.modules, sorted(m for m in sys.modules if m.startswith(('flax', 'safe'))); "
             "tfla_jax.layers.xLSTMConfig; assert 'flax' in sys.modules")
@@ -172,3 +172,38 @@ def test_jit_vmap_grad_compose(inputs):
     step = jax.jit(lambda *a: mlstm_step(*a))
     h, st = step(q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], s)
     assert isinstance(st, MLSTMState) and st.c.dtype == jnp.float32 and h.shape == (B, H, V)
+
+
+_EXAMPLE_CHECK = """
+import jax, jax.numpy as jnp
+import tfla_jax
+from tests.utils import make_inputs, rel_err
+exec(compile(CODE, "docs/backends.md", "exec"))
+assert "xla_chunked" in tfla_jax.implementations()
+q, k, v, i, f, s = make_inputs(0, 2, 100, 2, 16, 24, with_state=True)
+for gate in ("exp", "sigmoid"):
+    def loss(impl):
+        def l(a):
+            h, st = tfla_jax.mlstm(*a[:5], initial_state=tfla_jax.MLSTMState(*a[5:]),
+                                   return_state=True, input_gate=gate, implementation=impl)
+            return jnp.sum(h * jnp.cos(jnp.arange(24))) + jnp.sum(st.c) + jnp.sum(st.n * 0.5)
+        return l
+    a = (q, k, v, i, f, *s)
+    (l1, g1), (l0, g0) = (jax.value_and_grad(loss(x))(a) for x in ("xla_chunked", "recurrent"))
+    errs = [rel_err(l1, l0)] + [rel_err(x, y) for x, y in zip(g1, g0)]
+    assert max(errs) < 1e-4, (gate, errs)
+"""
+
+
+def test_docs_example_backend():
+    """The backend written out in docs/backends.md registers and matches the recurrence."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "backends.md")).read()
+    code = re.search(r'```python\n("""tfla_jax/backends/xla_chunked.*?)```', text, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", f"CODE = {code!r}\n" + _EXAMPLE_CHECK], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

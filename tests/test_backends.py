@@ -24,8 +24,9 @@ pytestmark = pytest.mark.filterwarnings(
 IMPLS = ["parallel", "chunkwise", *tfla_jax.available_backends()]
 KERNELS = tfla_jax.available_backends()
 # Relative RMS bounds per input dtype: float32 is exact arithmetic up to rounding (full-precision
-# dots); bf16 / fp16 round the tensor-core operands (P, k e^a, states) to the input dtype.
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1.5e-2, jnp.float16: 5e-3}
+# dots); bf16 / fp16 round the tensor-core operands (P, k e^a, dh, and for bf16 the states) to
+# the input dtype, fp16's products with states are TF32; tiny cases (T=1: 16 numbers) are noisy.
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
 
 
 def dtypes():

@@ -9,6 +9,8 @@ import tfla_jax
 from tfla_jax import MLSTMState
 
 ON_GPU = False          # set by `pytest --gpu` (tests/conftest.py)
+REPORT = []             # (test, quantity, error, bound) of every assert_close, for --error-report
+CURRENT_TEST = ""
 NAMES = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
 
 
@@ -109,7 +111,8 @@ def numpy_scan(q, k, v, i, f, *, input_gate="exp", normalize=True, scale=None, e
                 m_new = np.maximum(F[:, t] + m, logi[:, t])
             else:
                 m_new = np.zeros_like(m)
-            fa, ia = np.exp(F[:, t] + m - m_new), np.exp(logi[:, t] - m_new)
+            fa = np.where(F[:, t] <= -4096.0, 0.0, np.exp(F[:, t] + m - m_new))  # hard reset
+            ia = np.exp(logi[:, t] - m_new)
             c = fa[..., None, None] * c + ia[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
             n = fa[..., None] * n + ia[..., None] * k[:, t]
             m = m_new
@@ -150,13 +153,14 @@ def assert_close(actual, expected, tol, name=""):
         assert a.shape == b.shape, f"{name}[{idx}]: shape {a.shape} != {b.shape}"
         assert np.all(np.isfinite(np.asarray(a, np.float64))), f"{name}[{idx}]: non-finite values"
         err = rel_err(a, b)
+        REPORT.append((CURRENT_TEST, f"{name}[{idx}]", err, tol))
         assert err <= tol, f"{name}[{idx}]: relative RMS error {err:.3e} > {tol:.1e}"
 
 
 def common_stabiliser(state, ref_state):
-    """Both states in the stabiliser max(m, m_ref): a state is only defined up to its stabiliser
-    ((C, n, m) ~ (e^d C, e^d n, m - d)), and two exact forms may pick different ones where the
-    difference is invisible (a reset followed by no input)."""
+    """(c, n) of both states in the stabiliser max(m, m_ref), float64: a state is only defined up
+    to its stabiliser ((C, n, m) ~ (e^d C, e^d n, m - d)), and two exact forms may pick different
+    ones where the difference is invisible (a reset followed by no input)."""
     m = np.maximum(np.asarray(state.m, np.float64), np.asarray(ref_state.m, np.float64))
 
     def rescale(s):

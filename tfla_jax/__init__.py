@@ -6,11 +6,11 @@
 
 import importlib
 
-from tfla_jax.api import IMPLEMENTATIONS, mlstm, mlstm_step
+from tfla_jax.api import implementations, mlstm, mlstm_step
 from tfla_jax.backends import TritonConfig, available_backends, get_backend
 from tfla_jax.state import MLSTMState
 
-__all__ = ["mlstm", "mlstm_step", "MLSTMState", "TritonConfig", "IMPLEMENTATIONS",
+__all__ = ["mlstm", "mlstm_step", "MLSTMState", "TritonConfig", "implementations",
            "available_backends", "get_backend", "load_hf_checkpoint", "layers", "hf"]
 __version__ = "0.2.0"
 

@@ -16,7 +16,13 @@ from tfla_jax import backends, gates, ref
 from tfla_jax.state import MLSTMState
 
 XLA_IMPLEMENTATIONS = ("recurrent", "parallel", "chunkwise")
-IMPLEMENTATIONS = (*XLA_IMPLEMENTATIONS, "pallas", *backends.available_backends())
+
+
+def implementations() -> tuple[str, ...]:
+    """Every valid `implementation=` name (the registry is read at call time)."""
+    return (*XLA_IMPLEMENTATIONS, "pallas", *backends.available_backends())
+
+
 INPUT_GATES = ("exp", "sigmoid")
 _SUPPORTED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
 DEFAULT_CHUNK_SIZE_XLA = 64
@@ -247,7 +253,7 @@ def _mlstm_kernel(q, k, v, i, f, c0, n0, m0, static):
 def _mlstm_kernel_fwd(q, k, v, i, f, c0, n0, m0, static, residuals=True):
     backend = backends.get_backend(static.backend)
     gt = _gate_vectors(i, f, m0, static, backend.chunk_size(static.config))
-    if not static.interpret:
+    if backend.gpu_only and not static.interpret:
         q = _gpu_only_p.bind(q, name=static.backend)
     out = backend.forward(q, k, v, gt, c0, n0, config=static.config, normalize=static.normalize,
                           eps=static.eps, interpret=static.interpret, residuals=residuals)
@@ -273,10 +279,13 @@ def _mlstm_kernel_bwd(static, saved, cotangents):
                          backends.NormTerms(inv_n, dden), states, config=static.config,
                          interpret=static.interpret)
     # Gate gradients (docs/math.md): d log i_t = k_t . dk_t and, for t in chunk c,
-    # d F_t = sum_{t <= t' in c} (q . dq - k . dk)_t' + <C_{c+1}, dC_{c+1}> + <n_{c+1}, dn_{c+1}>
-    # (the whole-sequence reverse cumsum, telescoped at chunk boundaries).
+    # d F_t = sum_{t <= t' in c} r_t' + sum_{s < t in c} kdk_inter_s + zc_c: only the pairs that
+    # cross t, without sums of large cancelling terms.
     per_chunk = lambda x: x.reshape(B, H, T // L, L)  # noqa: E731
-    dF = lax.cumsum(per_chunk(g.r), axis=3, reverse=True) + g.zc[..., None]
+    inter = per_chunk(g.kdk_inter)
+    inter_before = lax.cumsum(jnp.concatenate([jnp.zeros_like(inter[..., :1]), inter[..., :-1]],
+                                              axis=-1), axis=3)
+    dF = lax.cumsum(per_chunk(g.r), axis=3, reverse=True) + inter_before + g.zc[..., None]
     rows = lambda x: jnp.swapaxes(x.reshape(B, H, T), 1, 2)  # noqa: E731  (B, H, T) -> (B, T, H)
 
     def log_gates(i, f):
@@ -325,15 +334,15 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
       (h, state): h (B, T, H, V) in v's dtype; state the final MLSTMState if return_state else None.
 
     Math (docs/math.md): C_t = f_t C_{t-1} + i_t k_t v_t^T, n_t = f_t n_{t-1} + i_t k_t,
-    h_t = C_t^T q_t / (max(|n_t . q_t|, 1) + eps) in unstabilised units.
+    h_t = C_t^T q^_t / (max(|n_t . q^_t|, 1) + eps e^{m_t}) in unstabilised units, q^ = scale q.
     """
     B, T, H, K, V = _check_qkvif(q, k, v, i, f, time_axis=True)
     _check_options(input_gate, normalize, scale, eps)
     _check_chunk_size(chunk_size)
     if initial_state is not None:
         _check_state("initial_state", initial_state, B, H, K, V)
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected None or one of {IMPLEMENTATIONS}, "
+    if implementation is not None and implementation not in implementations():
+        raise ValueError(f"implementation: expected None or one of {implementations()}, "
                          f"got {implementation!r}")
     if interpret is not None and not isinstance(interpret, bool):
         raise ValueError(f"interpret: expected a bool or None, got {interpret!r}")

@@ -29,8 +29,9 @@ from jax import lax
 # Log forget gates are clamped here: exp(-1e30) is 0 in every float format, and the clamp keeps
 # chunk sums of up to 2^24 gates finite; it is invisible unless |i~| or |m0| reach ~1e29.
 LOG_F_MIN = -1e30
-# A log forget gate at or below this is a hard reset (f' = 0 exactly) in the chunkwise forms: e^-4096
-# is 0 in every float format, and excluding resets keeps in-chunk cumsums below 2^24 for L <= 4096.
+# A log forget gate at or below this is a hard reset, f' = 0 exactly, in every form (e^-4096 is 0 in
+# every float format; only a stabiliser could carry it). Excluding resets from the chunkwise
+# cumsums keeps them below 2^24 for L <= 4096, where the hi + lo pair resolves them exactly.
 RESET_LOG_F = -4096.0
 # Positions appended to reach a whole chunk: the forget gate keeps (log_sigmoid(F_PAD) == 0
 # exactly) and the input gate writes nothing (log i = -inf), so the final state stays exact.
@@ -49,6 +50,11 @@ def compute_dtype(*arrays) -> jnp.dtype:
 def log_forget_gate(f: jax.Array) -> jax.Array:
     """F = max(logsig(f~), LOG_F_MIN) <= 0; f~ = -inf (a hard reset) gives LOG_F_MIN."""
     return jnp.maximum(jax.nn.log_sigmoid(f), LOG_F_MIN)
+
+
+def forget_weight(F, m_prev, m_new):
+    """f'_t = exp(F_t + m_{t-1} - m_t), exactly 0 at a hard reset (F <= RESET_LOG_F)."""
+    return jnp.exp(jnp.where(F <= RESET_LOG_F, -jnp.inf, F + m_prev - m_new))
 
 
 def log_input_gate(i: jax.Array, input_gate: str) -> jax.Array:

@@ -129,9 +129,9 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
             if dim % self.num_heads:
                 raise ValueError(f"xLSTMConfig: {name} = {dim} is not divisible by num_heads = "
                                  f"{self.num_heads}")
-        if self.mlstm_implementation not in (None, *api.IMPLEMENTATIONS):
+        if self.mlstm_implementation not in (None, *api.implementations()):
             raise ValueError(f"xLSTMConfig.mlstm_implementation: expected None or one of "
-                             f"{api.IMPLEMENTATIONS}, got {self.mlstm_implementation!r}")
+                             f"{api.implementations()}, got {self.mlstm_implementation!r}")
         api._check_chunk_size(self.chunk_size)
 
     # Derived dims.

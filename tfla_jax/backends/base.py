@@ -48,12 +48,14 @@ class KernelGrads(NamedTuple):
     """What a backend's backward returns (the policy turns it into gate gradients).
 
     dq, dk: (B, T, H, K), dv: (B, T, H, V) in the input dtypes;
-    r: (B, H, T) float32, q_t . dq_t - k_t . dk_t (unscaled q, complete grads), formed without
-        the diagonal terms dS_tt S_tt that cancel exactly (where forget gates are small they
-        dominate both dots, and their rounding would swamp d f~);
-    kdk: (B, H, T) float32, k_t . dk_t;
-    zc: (B, H, NC) float32, <C_{c+1}, dC_{c+1}> + <n_{c+1}, dn_{c+1}> for the state leaving
-        chunk c (c = NC-1 is the final state and its cotangent);
+    The forget-gate gradient is assembled from row dots split so that no two large terms cancel
+    (docs/math.md; for t in chunk c):
+        d F_t = sum_{t<=t' in c} r_t' + sum_{s<t in c} kdk_inter_s + zc_c
+    r: (B, H, T) float32, q_t . dq_t - k_t . dk^intra_t (unscaled q, dq complete, dk^intra the
+        in-chunk part of dk), both without the diagonal terms dA_tt (q_t . k_t), which cancel;
+    kdk_inter: (B, H, T) float32, k_t . (w_state_t (dC_{c+1} v_t + dn_{c+1}));
+    kdk: (B, H, T) float32, k_t . dk_t (complete: d log i_t);
+    zc: (B, H, NC) float32, decay_c (<C_c, dC_{c+1}> + <n_c, dn_{c+1}>);
     dc0 (B, H, K, V), dn0 (B, H, K) float32: the initial-state cotangents.
     """
 
@@ -61,6 +63,7 @@ class KernelGrads(NamedTuple):
     dk: jax.Array
     dv: jax.Array
     r: jax.Array
+    kdk_inter: jax.Array
     kdk: jax.Array
     zc: jax.Array
     dc0: jax.Array
@@ -87,14 +90,16 @@ class Call:
 class Backend(abc.ABC):
     """A kernel backend: forward with residuals, backward, a frozen config class, `supported`.
 
-    Subclasses set `name`, `config_cls` and `speed_rank` (lower = preferred by "pallas" / None)
-    and implement the methods below. Methods are called at trace time with static arguments,
+    Subclasses set `name`, `config_cls`, `speed_rank` (lower = preferred by "pallas" / None) and
+    `gpu_only` (compiling for another platform without interpret=True is then a clear error) and
+    implement the methods below. Methods are called at trace time with static arguments,
     so a backend traces on any host (cross-lowering for CUDA from a CPU works).
     """
 
     name: str
     config_cls: type
     speed_rank: int = 100
+    gpu_only: bool = True
 
     @abc.abstractmethod
     def default_config(self, call: Call, chunk_size: int | None = None):

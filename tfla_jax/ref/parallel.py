@@ -27,8 +27,11 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
     logi = gates.log_input_gate(jnp.swapaxes(i.astype(cdt), 1, 2), input_gate)
 
     causal = jnp.tril(jnp.ones((T, T), bool))
-    logD = jnp.where(causal, gates.segment_log_decay(F) + logi[..., None, :], -jnp.inf)  # [B,H,T,T]
+    reset = F <= gates.RESET_LOG_F
+    F_kill = jnp.where(reset, -jnp.inf, F)                          # nothing crosses a reset
+    logD = jnp.where(causal, gates.segment_log_decay(F_kill) + logi[..., None, :], -jnp.inf)
     log_init = jnp.cumsum(F, axis=-1) + m0[..., None]               # [B, H, T]
+    init_killed = jnp.cumsum(reset, axis=-1) > 0
     if input_gate == "exp":
         m = lax.stop_gradient(jnp.maximum(log_init, jnp.max(logD, axis=-1)))
     else:
@@ -36,7 +39,7 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
     S = jnp.einsum("bhtk,bhsk->bhts", qh, kh) * jnp.exp(logD - m[..., None])
     num, den = S @ vh, jnp.sum(S, axis=-1)
     if has_state:  # skipped for the zero state (also sidesteps an XLA:CPU miscompile of q @ zeros)
-        w_init = jnp.exp(log_init - m)
+        w_init = jnp.exp(jnp.where(init_killed, -jnp.inf, log_init - m))
         num = num + w_init[..., None] * jnp.einsum("bhtk,bhkv->bhtv", qh, c0)
         den = den + w_init * jnp.einsum("bhtk,bhk->bht", qh, n0)
     h = gates.normalized_output(num, den, gates.denominator_floor(m, input_gate), normalize, eps)
@@ -44,7 +47,7 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
     # Final state: the unrolled recurrence at t = T, weights relative to m_T.
     m_T = m[..., -1]
     w_s = jnp.exp(logD[..., -1, :] - m_T[..., None])                # [B, H, T]
-    w_0 = jnp.exp(log_init[..., -1] - m_T)
+    w_0 = jnp.exp(jnp.where(init_killed[..., -1], -jnp.inf, log_init[..., -1] - m_T))
     c_T = w_0[..., None, None] * c0 + jnp.einsum("bhs,bhsk,bhsv->bhkv", w_s, kh, vh)
     n_T = w_0[..., None] * n0 + jnp.einsum("bhs,bhsk->bhk", w_s, kh)
     return jnp.swapaxes(h, 1, 2).astype(v.dtype), MLSTMState(c_T, n_T, m_T)

@@ -41,7 +41,7 @@ def mlstm_step_ref(q, k, v, i, f, state: MLSTMState, *, input_gate="exp", normal
     F = gates.log_forget_gate(f)
     logi = gates.log_input_gate(i, input_gate)
     m_new = gates.stabiliser_step(F, m, logi) if input_gate == "exp" else jnp.zeros_like(m)
-    f_act = jnp.exp(F + m - m_new)
+    f_act = gates.forget_weight(F, m, m_new)
     i_act = jnp.exp(logi - m_new)
     c = f_act[..., None, None] * c + i_act[..., None, None] * (k[..., :, None] * v[..., None, :])
     n = f_act[..., None] * n + i_act[..., None] * k

@@ -1,11 +1,13 @@
 """The Pallas-Triton kernel backend ("pallas_triton"): TFLA on the Triton lowering of Pallas.
 
-Five kernels (docs/kernels.md): the chunk-state recurrence and its reverse (states.py), the
+Six kernels (docs/kernels.md): the chunk-state recurrence and its reverse (states.py), the
 forward output (fwd.py), dq / dk / dv (bwd.py). Runs on any GPU the Triton lowering supports,
 bf16 / fp16 / fp32, any head dims (zero-padded to a multiple of 16), chunk sizes >= 16.
 """
 
 import jax.numpy as jnp
+
+from tfla_jax import gates as tgates
 
 from tfla_jax.backends.base import Backend, Call, ForwardOut, KernelGrads, register
 from tfla_jax.backends.triton.bwd import intra_dk, intra_dq, intra_dv
@@ -67,20 +69,23 @@ class TritonBackend(Backend):
         dc_states, dn_states, dc_first, zc = state_grads(
             q, dh, gates.w_inter * norm.inv_n, gates.w_inter * norm.dden, gates.decay,
             c_states, dc_T, dn_T, config=cfg, interpret=interpret)
+        # dA_tt, the diagonal of the intra-chunk score gradient (added outside the tile loops).
+        dh_v = jnp.einsum("bthv,bthv->bht", dh.astype(F32), v.astype(F32))
+        d_diag = (norm.inv_n * dh_v + norm.dden) * tgates.diagonal_weight(gates.row, gates.col)
         rows = dict(bh=gates.bh, row=gates.row, col=gates.col, start=gates.start,
                     w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
-                    dden=norm.dden)
+                    dden=norm.dden, d_diag=d_diag)
         opts = dict(config=cfg, interpret=interpret)
         dq, qdq_off = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
-        dk, kdk_off, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
+        dk, kdk_off, kdk_inter, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
         dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
-        # <C_c, dC_c> + <n_c, dn_c> per boundary; the final one from the float32 C_T.
-        zc = jnp.sum(zc, axis=(2, 3)) + jnp.sum(n_states * dn_states, axis=-1)  # (B, H, NC+1)
-        z_T = jnp.sum(dc_T * c_last, axis=(-2, -1)) + jnp.sum(dn_T * n_states[:, :, NC], -1)
-        zc = zc.at[..., NC].set(z_T)
-        r = jnp.sum(qdq_off, axis=2) - jnp.sum(kdk_off, axis=2)
-        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r, jnp.sum(kdk, axis=2), zc[..., 1:], dc_first[..., :K, :V],
-                           dn_states[:, :, 0, :K])
+        # decay_c (<C_c, dC_{c+1}> + <n_c, dn_{c+1}>) per chunk.
+        zc = jnp.sum(zc, axis=(2, 3)) + gates.decay * jnp.sum(n_states[:, :, :-1]
+                                                              * dn_states[:, :, 1:], axis=-1)
+        rsum = lambda x: jnp.sum(x, axis=2)  # noqa: E731  over K tiles
+        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r=rsum(qdq_off) - rsum(kdk_off),
+                           kdk_inter=rsum(kdk_inter), kdk=rsum(kdk), zc=zc,
+                           dc0=dc_first[..., :K, :V], dn0=dn_states[:, :, 0, :K])
 
 
 BACKEND = register(TritonBackend())

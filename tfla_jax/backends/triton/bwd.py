@@ -6,10 +6,10 @@ With the stabiliser held constant, per (b, h) and chunk c (docs/kernels.md):
     dk_s = sum_t dA_ts q_t + w_state_s (dC_{c+1} v_s + dn_{c+1})
     dv_s = sum_t S_ts dnum_t + w_state_s dC_{c+1}^T k_s
 (P, w_inter include the query scale; dC, dn come from `states.state_grads`). The dq and dk
-kernels also return the row dots q . dq and k . dk that the gate gradients are made of, without
-the diagonal term dA_tt (q_t . k_t) (it cancels exactly in q . dq - k . dk, and where forget
-gates are small it dominates both): the tile loops mask s < t strictly and the diagonal is added
-from per-row quantities, dA_tt = (inv_n_t dh_t . v_t + dden_t) P_tt.
+kernels also return the row dots the gate gradients are made of, split so that no two large
+terms cancel (docs/math.md): q . dq and k . dk without the diagonal term dA_tt (q_t . k_t) (the
+tile loops mask s < t strictly; the diagonal, d_diag_t = dA_tt = (inv_n_t dh_t . v_t + dden_t) P_tt,
+a (B, H, T) row vector from XLA, is added afterwards), and the chunk-state part of k . dk.
 Gate vectors travel as dicts of (B, H, T) rows: one BlockSpec per dict entry.
 """
 
@@ -24,21 +24,10 @@ from tfla_jax.backends.triton.common import (F32, NN, NT, idiv, irem, out_struct
                                              precision, state_dtype)
 
 
-def _diagonal_da(dh_ref, v_ref, v_rows, dh_rows, inv_n, dden, row, col, num_v, block_v):
-    """dA_tt = (inv_n_t dh_t . v_t + dden_t) P_tt for a tile of rows: [rows]."""
-    def body(vt, acc):
-        cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
-        return acc + jnp.sum(dh_ref[dh_rows, cols].astype(F32) * v_ref[v_rows, cols].astype(F32),
-                             axis=1)
-
-    dh_v = lax.fori_loop(0, num_v, body, jnp.zeros(inv_n.shape, F32))
-    return (dh_v * inv_n + dden) * gates.diagonal_weight(row, col)
-
-
 def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, qdq_ref, *,
                chunk_size, block_q, block_kv, block_v, precision, op_dtype):
     # q_ref [bq, bko]; k_ref [L, bko], v_ref [L, Vp] (this chunk); dh_ref [bq, Vp];
-    # rows: bh, row, start, inv_n, dden, w_inter [bq]; chunk: bh, col [L];
+    # rows: bh, row, start, inv_n, dden, w_inter, d_diag [bq]; chunk: bh, col [L];
     # c_ref [bko, Vp], n_ref [bko] (the state entering the chunk); out dq_ref [bq, bko], qdq_ref [bq].
     dtype = q_ref.dtype
     num_v = v_ref.shape[-1] // block_v
@@ -78,19 +67,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, q
     dq = dq + w[:, None] * (inv_n[:, None] * dh_c + dden[:, None] * n_ref[...][None, :])
     qdq_ref[...] = jnp.sum(q_ref[...].astype(F32) * dq, axis=1)
     own = pl.ds(pl.multiple_of(tile * block_q, block_q), block_q)           # the diagonal
-    d_diag = _diagonal_da(dh_ref, v_ref, own, slice(None), inv_n, dden, row_q,
-                          chunk["col"][own], num_v, block_v)
-    dq = dq + d_diag[:, None] * k_ref[own, :].astype(F32)
+    dq = dq + rows["d_diag"][...][:, None] * k_ref[own, :].astype(F32)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref, kdk_off_ref,
-               kdk_ref, *,
+               kdk_inter_ref, kdk_ref, *,
                chunk_size, block_q, block_kv, block_v, precision, op_dtype):
     # k_ref [bkv, bko], v_ref [bkv, Vp]; q_ref [L, bko], dh_ref [L, Vp] (this chunk);
-    # rows: bh, col, w_state [bkv]; chunk: bh, row, start, inv_n, dden [L];
+    # rows: bh, col, w_state, d_diag [bkv]; chunk: bh, row, start, inv_n, dden [L];
     # dc_ref [bko, Vp], dn_ref [bko] (cotangent of the state leaving the chunk);
-    # out dk_ref [bkv, bko], kdk_off_ref [bkv] (without the diagonal), kdk_ref [bkv].
+    # out dk_ref [bkv, bko]; row dots k . dk [bkv]: kdk_off_ref of the intra-chunk part without
+    # the diagonal, kdk_inter_ref of the chunk-state part, kdk_ref of all of dk.
     dtype = k_ref.dtype
     num_v = v_ref.shape[-1] // block_v
     tile = irem(pl.program_id(0), chunk_size // block_kv)
@@ -124,13 +112,12 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref,
                                      preferred_element_type=F32, precision=precision)
 
     inter = lax.fori_loop(0, num_v, inter_body, jnp.zeros(dk_ref.shape, F32))
-    dk = dk + rows["w_state"][...][:, None] * (inter + dn_ref[...][None, :])
+    inter = rows["w_state"][...][:, None] * (inter + dn_ref[...][None, :])
     kf = k_ref[...].astype(F32)
     kdk_off_ref[...] = jnp.sum(kf * dk, axis=1)
+    kdk_inter_ref[...] = jnp.sum(kf * inter, axis=1)
     own = pl.ds(pl.multiple_of(tile * block_kv, block_kv), block_kv)        # the diagonal
-    d_diag = _diagonal_da(dh_ref, v_ref, slice(None), own, chunk["inv_n"][own],
-                          chunk["dden"][own], chunk["row"][own], col_kv, num_v, block_v)
-    dk = dk + d_diag[:, None] * q_ref[own, :].astype(F32)
+    dk = dk + inter + rows["d_diag"][...][:, None] * q_ref[own, :].astype(F32)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     kdk_ref[...] = jnp.sum(kf * dk, axis=1)
 
@@ -198,14 +185,15 @@ def intra_dq(q, k, v, dh, gt_rows, c_states, n_states, *, config, interpret):
     """dq (B, T, H, K) in q's dtype and partial row dots q . dq without the diagonal term
     (B, H, K/bko, T) float32.
 
-    gt_rows: dict of (B, H, T) rows: bh, row, col, start, inv_n, dden, w_inter, w_state.
+    gt_rows: dict of (B, H, T) rows: bh, row, col, start, inv_n, dden, w_inter, w_state, d_diag.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     L, bq, bkv, bko = (config.chunk_size, config.bwd_block_q, config.bwd_block_kv,
                        config.bwd_block_k_out)
     chunk_of = lambda j: idiv(j, L // bq)  # noqa: E731
-    row_names, chunk_names = ("bh", "row", "start", "inv_n", "dden", "w_inter"), ("bh", "col")
+    row_names = ("bh", "row", "start", "inv_n", "dden", "w_inter", "d_diag")
+    chunk_names = ("bh", "col")
     kernel = functools.partial(_dq_kernel, chunk_size=L, block_q=bq, block_kv=bkv,
                                block_v=config.bwd_block_v, precision=precision(q.dtype),
                                op_dtype=state_dtype(q.dtype))
@@ -233,14 +221,14 @@ def intra_dq(q, k, v, dh, gt_rows, c_states, n_states, *, config, interpret):
 
 
 def intra_dk(q, k, v, dh, gt_rows, dc_states, dn_states, *, config, interpret):
-    """dk (B, T, H, K) in k's dtype and the partial row dots k . dk without and with the
-    diagonal term (B, H, K/bko, T) float32."""
+    """dk (B, T, H, K) in k's dtype and partial row dots (B, H, K/bko, T) float32 of k with: the
+    intra-chunk part of dk without the diagonal, its chunk-state part, all of dk."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     L, bq, bkv, bko = (config.chunk_size, config.bwd_block_q, config.bwd_block_kv,
                        config.bwd_block_k_out)
     chunk_of = lambda j: idiv(j, L // bkv)  # noqa: E731
-    row_names = ("bh", "col", "w_state")
+    row_names = ("bh", "col", "w_state", "d_diag")
     chunk_names = ("bh", "row", "start", "inv_n", "dden")
     kernel = functools.partial(_dk_kernel, chunk_size=L, block_q=bq, block_kv=bkv,
                                block_v=config.bwd_block_v, precision=precision(k.dtype),
@@ -260,11 +248,10 @@ def intra_dk(q, k, v, dh, gt_rows, dc_states, dn_states, *, config, interpret):
         ],
         out_specs=[
             pl.BlockSpec((None, bkv, None, bko), lambda j, d, b, h: (b, j, h, d)),
-            pl.BlockSpec((None, None, None, bkv), lambda j, d, b, h: (b, h, d, j)),
-            pl.BlockSpec((None, None, None, bkv), lambda j, d, b, h: (b, h, d, j)),
+            *[pl.BlockSpec((None, None, None, bkv), lambda j, d, b, h: (b, h, d, j))] * 3,
         ],
-        out_shape=[out_struct(k.shape, k.dtype, k), out_struct((B, H, K // bko, T), F32, k),
-                   out_struct((B, H, K // bko, T), F32, k)],
+        out_shape=[out_struct(k.shape, k.dtype, k),
+                   *[out_struct((B, H, K // bko, T), F32, k)] * 3],
         compiler_params=params(config.bwd_num_warps, config.bwd_num_stages),
         interpret=interpret,
         name="mlstm_bwd_dk",

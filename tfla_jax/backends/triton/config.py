@@ -1,7 +1,7 @@
 """`TritonConfig`: every tile and launch parameter of the Pallas-Triton kernels, forward and backward.
 
 Kernels (docs/kernels.md) and the fields that tile them:
-  chunk_states, state_grads  grid (K/states_block_k, V/states_block_v, B*H), sequential over the
+  chunk_states, state_grads  grid (K/states_block_k, V/states_block_v, B, H), sequential over the
                              chunks in sub-blocks of states_block_t rows: states_*
   output (forward)           grid (V/block_v, L/block_q, NC, B*H), kv tiles of block_kv rows up to
                              the diagonal, K tiles of block_k: block_*, num_warps, num_stages

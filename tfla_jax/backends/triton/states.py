@@ -3,7 +3,7 @@
 chunk_states: C_{c+1} = decay_c C_c + (w_state k_c)^T v_c, n likewise, over the chunks; the
   forward's states for the output kernel and the backward's recompute are this one kernel.
 state_grads:  dC_c = decay_c dC_{c+1} + (wq q_c)^T dh_c, dn_c = decay_c dn_{c+1} + sum wd q_c,
-  in reverse, with the boundary terms <C_c, dC_c> of the forget-gate gradient.
+  in reverse, with the carried-state terms decay_c <C_c, dC_{c+1}> of the forget-gate gradient.
 One program owns one (K tile x V tile) of the state of one (b, h) and runs over all chunks.
 """
 
@@ -105,13 +105,12 @@ def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, c_ref, dct_ref
     # q_ref [T, bk], dh_ref [T, bv], wq_ref / wd_ref [T] (w_inter inv_n, w_inter dden),
     # decay_ref [NC], c_ref [NC+1, bk, bv] (the states), dct_ref [bk, bv], dnt_ref [bk];
     # out dc_ref [NC+1, bk, bv] (state dtype), dn_ref [NC+1, bk] (V tile 0 writes it),
-    # dc_first_ref [bk, bv] (dC_0, float32), zc_ref [NC+1] (this tile's <C_c, dC_c>, from the
-    # float32 dC: the cross-chunk part of the forget-gate gradient).
+    # dc_first_ref [bk, bv] (dC_0, float32), zc_ref [NC] (this tile's decay_c <C_c, dC_{c+1}>,
+    # from the float32 dC: the carried-state part of the forget-gate gradient).
     write_n = pl.program_id(1) == 0
     dc = dct_ref[...].astype(F32)
     dn = dnt_ref[...].astype(F32)
     dc_ref[num_chunks] = dc.astype(dc_ref.dtype)
-    zc_ref[num_chunks] = jnp.sum(c_ref[num_chunks].astype(F32) * dc)
 
     @pl.when(write_n)
     def _():
@@ -120,6 +119,7 @@ def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, c_ref, dct_ref
     def body(s, carry):
         t = num_chunks - 1 - s
         d = decay_ref[t]
+        zc_ref[t] = d * jnp.sum(c_ref[t].astype(F32) * carry[0])
         dc, dn = carry[0] * d, carry[1] * d
 
         def rows_body(j, carry):
@@ -133,7 +133,6 @@ def _state_grads_kernel(q_ref, dh_ref, wq_ref, wd_ref, decay_ref, c_ref, dct_ref
 
         dc, dn = lax.fori_loop(0, chunk_size // block_t, rows_body, (dc, dn))
         dc_ref[t] = dc.astype(dc_ref.dtype)
-        zc_ref[t] = jnp.sum(c_ref[t].astype(F32) * dc)
 
         @pl.when(write_n)
         def _():
@@ -151,8 +150,8 @@ def state_grads(q, dh, wq, wd, decay, c_states, dc_T, dn_T, *, config, interpret
     q: (B, T, H, K), dh: (B, T, H, V); wq, wd: (B, H, T); decay: (B, H, NC);
     c_states: (B, H, NC+1, K, V); dc_T (B, H, K, V), dn_T (B, H, K) float32.
     Returns dC (B, H, NC+1, K, V) in `state_dtype`, dn (B, H, NC+1, K) float32, dC_0
-    (B, H, K, V) float32 and per (K tile, V tile) the partial <C_c, dC_c>
-    (B, H, K/bk, V/bv, NC+1) float32.
+    (B, H, K, V) float32 and per (K tile, V tile) the partial decay_c <C_c, dC_{c+1}>
+    (B, H, K/bk, V/bv, NC) float32.
     """
     B, T, H, K = q.shape
     V = dh.shape[-1]
@@ -179,12 +178,12 @@ def state_grads(q, dh, wq, wd, decay, c_states, dc_T, dn_T, *, config, interpret
             states,
             pl.BlockSpec((None, None, NC + 1, bk), lambda kt, vt, b, h: (b, h, 0, kt)),
             tile,
-            pl.BlockSpec((None, None, None, None, NC + 1), lambda kt, vt, b, h: (b, h, kt, vt, 0)),
+            pl.BlockSpec((None, None, None, None, NC), lambda kt, vt, b, h: (b, h, kt, vt, 0)),
         ],
         out_shape=[out_struct((B, H, NC + 1, K, V), state_dtype(q.dtype), q),
                    out_struct((B, H, NC + 1, K), F32, q),
                    out_struct((B, H, K, V), F32, q),
-                   out_struct((B, H, K // bk, V // bv, NC + 1), F32, q)],
+                   out_struct((B, H, K // bk, V // bv, NC), F32, q)],
         compiler_params=params(config.states_num_warps, config.states_num_stages),
         interpret=interpret,
         name="mlstm_state_grads",
