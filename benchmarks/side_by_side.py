@@ -31,16 +31,17 @@ COLUMNS = [(k, h, "{}") for k, h in (("impl", "impl"), ("gate", "gate"), ("pass"
     ("error", "error", "{:.90}")]
 
 
-def run(label, out, extra, root=None):
+def run(label, out, extra, root=None, name=None):
     """bench_mlstm.py in a subprocess; returns its JSON (rows may be partial) and exit status."""
+    name = name or label
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                         "bench_mlstm.py"),
-           "--label", label, "--name", label, "--out", out, *DEFAULTS, *extra]
+           "--label", label, "--name", name, "--out", out, *DEFAULTS, *extra]
     if root:
         cmd += ["--package-root", root]
     print("+", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd)
-    path = os.path.join(out, f"{label}.json")
+    path = os.path.join(out, f"{name}.json")
     data = json.load(open(path)) if os.path.exists(path) else dict(rows=[])
     return data, rc
 
@@ -66,16 +67,42 @@ def merge(base_rows, cur_rows):
     return merged
 
 
+def combine(datas):
+    """One run's JSON from several rounds: per case the median of the rounds' medians."""
+    import statistics
+    out = dict(datas[0], rows=[])
+    key = lambda r: tuple(r.get(k) for k in KEY)  # noqa: E731
+    for row in datas[0]["rows"]:
+        same = [r for d in datas for r in d["rows"] if key(r) == key(row) and r.get("ms")]
+        if same:
+            row = dict(row, ms=statistics.median(r["ms"] for r in same),
+                       rounds=[r["ms"] for r in same])
+        out["rows"].append(row)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline-root", default=".baseline",
                    help="directory holding the old tfla_jax/ (git archive, README.md)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--rounds", type=int, default=2, help="alternating-order rounds")
     args, extra = p.parse_known_args(argv)
     if not os.path.isdir(os.path.join(args.baseline_root, "tfla_jax")):
         sys.exit(f"no tfla_jax/ under {args.baseline_root!r}: make the copy first (README.md)")
-    base, rc_b = run("baseline", args.out, extra, args.baseline_root)
-    cur, rc_c = run("current", args.out, extra)
+    # Rounds alternate the order (baseline first, then current first): the GPU's clocks drift
+    # over minutes of load, and a fixed order would favour one side. Per case, the median over
+    # rounds of each round's median.
+    runs = {"baseline": [], "current": []}
+    rc_b = rc_c = 0
+    for r in range(args.rounds):
+        order = ["baseline", "current"] if r % 2 == 0 else ["current", "baseline"]
+        for label in order:
+            root = args.baseline_root if label == "baseline" else None
+            data, rc = run(label, args.out, extra, root, name=f"{label}_{r}")
+            runs[label].append(data)
+            rc_b, rc_c = (rc_b or rc, rc_c) if label == "baseline" else (rc_b, rc_c or rc)
+    base, cur = (combine(runs[k]) for k in ("baseline", "current"))
     rows = merge(base["rows"], cur["rows"])
     info = dict(common.run_info(), device=cur.get("device") or base.get("device"),
                 baseline={k: v for k, v in base.items() if k != "rows"},

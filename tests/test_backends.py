@@ -58,15 +58,34 @@ def check(impl, args, cot, *, tol, chunk_size=None, what="", **kw):
     h, s, g = value_and_grads(lambda *a, **k: run(impl, *a, **k), args, cot, **kw)
     kw.pop("chunk_size", None)
     h_ref, s_ref, g_ref = value_and_grads(reference, args, cot, **kw)
-    assert h.dtype == args[2].dtype
-    assert_close(h, h_ref, tol, f"{what} h")
+    dtype = args[2].dtype
+    sens = [0.0] * 10
+    if dtype != jnp.float32:
+        # The kernels round operands (P, states, h in the normaliser's gradient) to the input
+        # dtype: add the reference's own sensitivity to relative perturbations of one unit
+        # roundoff of its inputs (its condition number times u; large only where the result is
+        # ill-conditioned, e.g. dq of the scale-invariant h = num / |den| at T = 1).
+        u = float(jnp.finfo(dtype).eps) / 2
+        rng = np.random.default_rng(0)
+
+        def perturb(j, x):
+            if j not in (0, 1, 2, 5, 6):       # q, k, v, c0, n0
+                return x
+            x = x.astype(jnp.float32)
+            return x * (1 + u * jnp.asarray(rng.normal(size=x.shape), jnp.float32))
+
+        perturbed = [perturb(j, x) for j, x in enumerate(args)]
+        h_r, s_r, g_r = value_and_grads(reference, perturbed, cot, **kw)
+        sens = [rel_err(h_r, h_ref), 0.0, 0.0, *(rel_err(a, b) for a, b in zip(g_r, g_ref))]
+    assert h.dtype == dtype
+    assert_close(h, h_ref, max(tol, 3 * sens[0]), f"{what} h")
     (c, n), (c_ref, n_ref) = common_stabiliser(s, s_ref)
     assert_close(c, c_ref, tol, f"{what} final c")
     assert_close(n, n_ref, tol, f"{what} final n")
     names = NAMES if kw.get("input_gate", "exp") == "exp" else NAMES[:-1]  # sigmoid ignores m0
-    for name, a, b in zip(names, g, g_ref):
+    for j, (name, a, b) in enumerate(zip(names, g, g_ref)):
         assert a.dtype == b.dtype or a.dtype == args[NAMES.index(name)].dtype
-        assert_close(a, b, tol, f"{what} d{name}")
+        assert_close(a, b, max(tol, 3 * sens[3 + j]), f"{what} d{name}")
 
 
 def inputs(seed, B, T, H, K, V, dtype, *, with_state=True):
@@ -74,6 +93,9 @@ def inputs(seed, B, T, H, K, V, dtype, *, with_state=True):
     if not with_state:
         s = MLSTMState(jnp.zeros_like(s.c), jnp.zeros_like(s.n), jnp.zeros_like(s.m))
     cot = random_like(seed + 1, (jnp.zeros((B, T, H, V), jnp.float32), s.c, s.n))
+    # h comes out in the input dtype, so autodiff hands the kernels dh rounded to it: give the
+    # reference the same rounded cotangent (both then solve the same problem).
+    cot = (cot[0].astype(dtype).astype(jnp.float32), *cot[1:])
     return (q, k, v, i, f, *s), cot
 
 
