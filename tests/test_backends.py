@@ -59,7 +59,7 @@ def check(impl, args, cot, *, tol, chunk_size=None, what="", **kw):
     kw.pop("chunk_size", None)
     h_ref, s_ref, g_ref = value_and_grads(reference, args, cot, **kw)
     dtype = args[2].dtype
-    sens = [0.0] * 10
+    sens = [0.0] * 11          # h, c, n, then the 8 gradients
     if dtype != jnp.float32:
         # The kernels round operands (P, states, h in the normaliser's gradient) to the input
         # dtype: add the reference's own sensitivity to relative perturbations of one unit

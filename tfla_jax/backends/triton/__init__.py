@@ -7,8 +7,6 @@ bf16 / fp16 / fp32, any head dims (zero-padded to a multiple of 16), chunk sizes
 
 import jax.numpy as jnp
 
-from tfla_jax import gates as tgates
-
 from tfla_jax.backends.base import Backend, Call, ForwardOut, KernelGrads, register
 from tfla_jax.backends.triton.bwd import intra_dk, intra_dq, intra_dv
 from tfla_jax.backends.triton.common import F32, pad_last
@@ -69,12 +67,9 @@ class TritonBackend(Backend):
         dc_states, dn_states, dc_first, zc = state_grads(
             q, dh, gates.w_inter * norm.inv_n, gates.w_inter * norm.dden, gates.decay,
             c_states, dc_T, dn_T, config=cfg, interpret=interpret)
-        # dA_tt, the diagonal of the intra-chunk score gradient (added outside the tile loops).
-        dh_v = jnp.einsum("bthv,bthv->bht", dh.astype(F32), v.astype(F32))
-        d_diag = (norm.inv_n * dh_v + norm.dden) * tgates.diagonal_weight(gates.row, gates.col)
         rows = dict(bh=gates.bh, row=gates.row, col=gates.col, start=gates.start,
                     w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
-                    dden=norm.dden, d_diag=d_diag)
+                    dden=norm.dden)
         opts = dict(config=cfg, interpret=interpret)
         dq, qdq_off = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
         dk, kdk_off, kdk_inter, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)

@@ -8,8 +8,9 @@ With the stabiliser held constant, per (b, h) and chunk c (docs/kernels.md):
 (P, w_inter include the query scale; dC, dn come from `states.state_grads`). The dq and dk
 kernels also return the row dots the gate gradients are made of, split so that no two large
 terms cancel (docs/math.md): q . dq and k . dk without the diagonal term dA_tt (q_t . k_t) (the
-tile loops mask s < t strictly; the diagonal, d_diag_t = dA_tt = (inv_n_t dh_t . v_t + dden_t) P_tt,
-a (B, H, T) row vector from XLA, is added afterwards), and the chunk-state part of k . dk.
+tile loops mask s < t strictly and pick dh_t . v_t off the diagonal of their dh v^T tiles; the
+diagonal dA_tt = (inv_n_t dh_t . v_t + dden_t) P_tt is added afterwards), and the chunk-state part
+of k . dk.
 Gate vectors travel as dicts of (B, H, T) rows: one BlockSpec per dict entry.
 """
 
@@ -27,7 +28,7 @@ from tfla_jax.backends.triton.common import (F32, NN, NT, idiv, irem, out_struct
 def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, qdq_ref, *,
                chunk_size, block_q, block_kv, block_v, precision, op_dtype):
     # q_ref [bq, bko]; k_ref [L, bko], v_ref [L, Vp] (this chunk); dh_ref [bq, Vp];
-    # rows: bh, row, start, inv_n, dden, w_inter, d_diag [bq]; chunk: bh, col [L];
+    # rows: bh, row, start, inv_n, dden, w_inter [bq]; chunk: bh, col [L];
     # c_ref [bko, Vp], n_ref [bko] (the state entering the chunk); out dq_ref [bq, bko], qdq_ref [bq].
     dtype = q_ref.dtype
     num_v = v_ref.shape[-1] // block_v
@@ -36,7 +37,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, q
     bh_q, row_q, start_q = rows["bh"][...], rows["row"][...], rows["start"][...]
     inv_n, dden = rows["inv_n"][...], rows["dden"][...]
 
-    def kv_body(s, dq):
+    def kv_body(s, carry):
+        dq, diag = carry
         kv = pl.ds(pl.multiple_of(s * block_kv, block_kv), block_kv)
 
         def v_body(vt, dh_v):
@@ -50,11 +52,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, q
             gates.intra_log_weights(bh_q, row_q, chunk["bh"][kv], chunk["col"][kv]),
             gates.intra_mask(q_pos, kv_pos, start_q, strict=True))
         d_a = (dh_v * inv_n[:, None] + dden[:, None]) * p                   # [bq, bkv]
+        diag = diag + jnp.sum(jnp.where(q_pos[:, None] == kv_pos[None, :], dh_v, 0.0), axis=1)
         return dq + lax.dot_general(d_a.astype(dtype), k_ref[kv, :], NN,
-                                    preferred_element_type=F32, precision=precision)
+                                    preferred_element_type=F32, precision=precision), diag
 
     num_kv = idiv((tile + 1) * block_q + block_kv - 1, block_kv)
-    dq = lax.fori_loop(0, num_kv, kv_body, jnp.zeros(dq_ref.shape, F32))
+    dq, dh_v_diag = lax.fori_loop(0, num_kv, kv_body, (jnp.zeros(dq_ref.shape, F32),
+                                                      jnp.zeros((block_q,), F32)))
 
     def inter_body(vt, acc):
         cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
@@ -67,7 +71,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dh_ref, rows, chunk, c_ref, n_ref, dq_ref, q
     dq = dq + w[:, None] * (inv_n[:, None] * dh_c + dden[:, None] * n_ref[...][None, :])
     qdq_ref[...] = jnp.sum(q_ref[...].astype(F32) * dq, axis=1)
     own = pl.ds(pl.multiple_of(tile * block_q, block_q), block_q)           # the diagonal
-    dq = dq + rows["d_diag"][...][:, None] * k_ref[own, :].astype(F32)
+    d_diag = (dh_v_diag * inv_n + dden) * gates.diagonal_weight(row_q, chunk["col"][own])
+    dq = dq + d_diag[:, None] * k_ref[own, :].astype(F32)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -75,7 +80,7 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref,
                kdk_inter_ref, kdk_ref, *,
                chunk_size, block_q, block_kv, block_v, precision, op_dtype):
     # k_ref [bkv, bko], v_ref [bkv, Vp]; q_ref [L, bko], dh_ref [L, Vp] (this chunk);
-    # rows: bh, col, w_state, d_diag [bkv]; chunk: bh, row, start, inv_n, dden [L];
+    # rows: bh, col, w_state [bkv]; chunk: bh, row, start, inv_n, dden [L];
     # dc_ref [bko, Vp], dn_ref [bko] (cotangent of the state leaving the chunk);
     # out dk_ref [bkv, bko]; row dots k . dk [bkv]: kdk_off_ref of the intra-chunk part without
     # the diagonal, kdk_inter_ref of the chunk-state part, kdk_ref of all of dk.
@@ -85,7 +90,8 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref,
     kv_pos = tile * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
     bh_kv, col_kv = rows["bh"][...], rows["col"][...]
 
-    def q_body(t, dk):
+    def q_body(t, carry):
+        dk, diag = carry
         qr = pl.ds(pl.multiple_of(t * block_q, block_q), block_q)
 
         def v_body(vt, v_dh):
@@ -99,11 +105,13 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref,
             gates.intra_log_weights_t(chunk["bh"][qr], chunk["row"][qr], bh_kv, col_kv),
             gates.intra_mask_t(q_pos, kv_pos, chunk["start"][qr], strict=True))
         d_at = (v_dh * chunk["inv_n"][qr][None, :] + chunk["dden"][qr][None, :]) * p_t
+        diag = diag + jnp.sum(jnp.where(kv_pos[:, None] == q_pos[None, :], v_dh, 0.0), axis=1)
         return dk + lax.dot_general(d_at.astype(dtype), q_ref[qr, :], NN,
-                                    preferred_element_type=F32, precision=precision)
+                                    preferred_element_type=F32, precision=precision), diag
 
     first = idiv(tile * block_kv, block_q)
-    dk = lax.fori_loop(first, chunk_size // block_q, q_body, jnp.zeros(dk_ref.shape, F32))
+    dk, v_dh_diag = lax.fori_loop(first, chunk_size // block_q, q_body,
+                                  (jnp.zeros(dk_ref.shape, F32), jnp.zeros((block_kv,), F32)))
 
     def inter_body(vt, acc):
         cols = pl.ds(pl.multiple_of(vt * block_v, block_v), block_v)
@@ -117,7 +125,9 @@ def _dk_kernel(k_ref, v_ref, q_ref, dh_ref, rows, chunk, dc_ref, dn_ref, dk_ref,
     kdk_off_ref[...] = jnp.sum(kf * dk, axis=1)
     kdk_inter_ref[...] = jnp.sum(kf * inter, axis=1)
     own = pl.ds(pl.multiple_of(tile * block_kv, block_kv), block_kv)        # the diagonal
-    dk = dk + inter + rows["d_diag"][...][:, None] * q_ref[own, :].astype(F32)
+    d_diag = ((v_dh_diag * chunk["inv_n"][own] + chunk["dden"][own])
+              * gates.diagonal_weight(chunk["row"][own], col_kv))
+    dk = dk + inter + d_diag[:, None] * q_ref[own, :].astype(F32)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     kdk_ref[...] = jnp.sum(kf * dk, axis=1)
 
@@ -185,15 +195,14 @@ def intra_dq(q, k, v, dh, gt_rows, c_states, n_states, *, config, interpret):
     """dq (B, T, H, K) in q's dtype and partial row dots q . dq without the diagonal term
     (B, H, K/bko, T) float32.
 
-    gt_rows: dict of (B, H, T) rows: bh, row, col, start, inv_n, dden, w_inter, w_state, d_diag.
+    gt_rows: dict of (B, H, T) rows: bh, row, col, start, inv_n, dden, w_inter, w_state.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     L, bq, bkv, bko = (config.chunk_size, config.bwd_block_q, config.bwd_block_kv,
                        config.bwd_block_k_out)
     chunk_of = lambda j: idiv(j, L // bq)  # noqa: E731
-    row_names = ("bh", "row", "start", "inv_n", "dden", "w_inter", "d_diag")
-    chunk_names = ("bh", "col")
+    row_names, chunk_names = ("bh", "row", "start", "inv_n", "dden", "w_inter"), ("bh", "col")
     kernel = functools.partial(_dq_kernel, chunk_size=L, block_q=bq, block_kv=bkv,
                                block_v=config.bwd_block_v, precision=precision(q.dtype),
                                op_dtype=state_dtype(q.dtype))
@@ -228,7 +237,7 @@ def intra_dk(q, k, v, dh, gt_rows, dc_states, dn_states, *, config, interpret):
     L, bq, bkv, bko = (config.chunk_size, config.bwd_block_q, config.bwd_block_kv,
                        config.bwd_block_k_out)
     chunk_of = lambda j: idiv(j, L // bkv)  # noqa: E731
-    row_names = ("bh", "col", "w_state", "d_diag")
+    row_names = ("bh", "col", "w_state")
     chunk_names = ("bh", "row", "start", "inv_n", "dden")
     kernel = functools.partial(_dk_kernel, chunk_size=L, block_q=bq, block_kv=bkv,
                                block_v=config.bwd_block_v, precision=precision(k.dtype),
