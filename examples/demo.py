@@ -17,7 +17,8 @@ def main(B=2, T=1024, H=4, K=64, V=128):
     f = jax.random.normal(keys[4], (B, T, H)) + 3.0
     print(f"backend {jax.default_backend()}, B={B} T={T} H={H} K={K} V={V}")
     h_ref = None
-    impls = ["recurrent", "parallel", "chunkwise"] + (["pallas"] if jax.default_backend() == "gpu" else [])
+    kernels = tfla_jax.available_backends() if jax.default_backend() == "gpu" else []
+    impls = ["recurrent", "parallel", "chunkwise", *kernels]
     for impl in impls:
         fn = jax.jit(lambda *a, impl=impl: tfla_jax.mlstm(*a, implementation=impl)[0])
         h = jax.block_until_ready(fn(q, k, v, i, f))

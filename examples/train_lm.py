@@ -44,6 +44,7 @@ from jax import lax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import lm_data  # noqa: E402
+import tfla_jax  # noqa: E402
 from tfla_jax.layers import generate, xLSTMConfig, xLSTMLM  # noqa: E402
 
 PRESETS = ("tiny", "small", "medium")  # xLSTMConfig presets, here with the 256-byte vocabulary
@@ -104,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (parameters stay float32); auto: bfloat16 on GPU/TPU, "
                         "float32 on CPU")
     g.add_argument("--mlstm-implementation", default="auto",
-                   choices=("auto", "pallas", "chunkwise", "parallel", "recurrent"),
-                   help="tfla_jax.mlstm implementation; auto: Pallas kernels on GPU, chunkwise else")
+                   choices=("auto", *tfla_jax.implementations()),
+                   help="tfla_jax.mlstm implementation; auto: the fastest kernel backend on GPU, "
+                        "chunkwise else")
     g.add_argument("--remat", action="store_true",
                    help="recompute each block in the backward pass (less activation memory)")
     g = p.add_argument_group("optimizer")
@@ -179,8 +181,9 @@ def validate_args(args) -> None:
         raise UsageError("--temperature must be >= 0 and --top-k in [1, 256]")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    if args.mlstm_implementation == "pallas" and jax.default_backend() != "gpu":
-        raise UsageError(f"--mlstm-implementation pallas needs a GPU; this is "
+    if (args.mlstm_implementation in ("pallas", *tfla_jax.available_backends())
+            and jax.default_backend() != "gpu"):
+        raise UsageError(f"--mlstm-implementation {args.mlstm_implementation} needs a GPU; this is "
                          f"{jax.default_backend()!r} (use auto or chunkwise)")
 
 

@@ -1,11 +1,15 @@
 """The shared suite every implementation runs against the lax.scan recurrence (the ground truth).
 
-Implementations: "parallel", "chunkwise" and every registered kernel backend. On the CPU (CI) the
+Implementations: every registered kernel backend; the XLA forms "parallel" and "chunkwise" run
+the extreme-gate, determinism and chaining tests here and their shape grid in float64 in
+test_ref.py. On the CPU (CI) the
 kernels run interpreted in float32 with tight tolerances; `pytest --gpu` runs the same tests
 compiled on the GPU in bf16, fp16 and fp32. With JAX_ENABLE_X64=1 the reference is computed in
 float64. Each test checks the output, the final state and every gradient (q, k, v, i~, f~ and the
 initial state, with cotangents on h and on the final state).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,23 +45,39 @@ def reference(*args, **kw):
 
 
 def value_and_grads(fn, args, cot, **kw):
-    """(h, final state) and the gradients of <h, cot_h> + <c_T, cot_c> + <n_T, cot_n>."""
+    """(h, final state) and the gradients of <h, cot_h> + <c_T, cot_c> + <n_T, cot_n>.
+
+    fn: an implementation name or "reference" (compiled once per name, options and shapes, so
+    that cases with other values reuse it), or a function.
+    """
+    if isinstance(fn, str):
+        return _value_and_grads(args, cot, impl=fn, opts=tuple(sorted(kw.items())))
+    return jax.jit(_loss_grads, static_argnums=0)(functools.partial(fn, **kw), args, cot)
+
+
+def _loss_grads(fn, args, cot):
     def loss(args):
-        h, s = fn(*args[:5], initial_state=MLSTMState(*args[5:]), return_state=True, **kw)
+        h, s = fn(*args[:5], initial_state=MLSTMState(*args[5:]), return_state=True)
         return (jnp.sum(h.astype(jnp.float32) * cot[0]) + jnp.sum(s.c * cot[1])
                 + jnp.sum(s.n * cot[2])), (h, s)
 
-    (_, (h, s)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+    (_, (h, s)), g = jax.value_and_grad(loss, has_aux=True)(args)
     return h, s, g
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "opts"))
+def _value_and_grads(args, cot, *, impl, opts):
+    fn = reference if impl == "reference" else functools.partial(run, impl)
+    return _loss_grads(functools.partial(fn, **dict(opts)), args, cot)
 
 
 def check(impl, args, cot, *, tol, chunk_size=None, what="", **kw):
     """impl vs the reference: h, the final state (in a common stabiliser) and every gradient."""
     if impl != "parallel":
         kw["chunk_size"] = chunk_size
-    h, s, g = value_and_grads(lambda *a, **k: run(impl, *a, **k), args, cot, **kw)
+    h, s, g = value_and_grads(impl, args, cot, **kw)
     kw.pop("chunk_size", None)
-    h_ref, s_ref, g_ref = value_and_grads(reference, args, cot, **kw)
+    h_ref, s_ref, g_ref = value_and_grads("reference", args, cot, **kw)
     dtype = args[2].dtype
     sens = [0.0] * 11          # h, c, n, then the 8 gradients
     if dtype != jnp.float32:
@@ -75,7 +95,7 @@ def check(impl, args, cot, *, tol, chunk_size=None, what="", **kw):
             return x * (1 + u * jnp.asarray(rng.normal(size=x.shape), jnp.float32))
 
         perturbed = [perturb(j, x) for j, x in enumerate(args)]
-        h_r, s_r, g_r = value_and_grads(reference, perturbed, cot, **kw)
+        h_r, s_r, g_r = value_and_grads("reference", perturbed, cot, **kw)
         sens = [rel_err(h_r, h_ref), 0.0, 0.0, *(rel_err(a, b) for a, b in zip(g_r, g_ref))]
     assert h.dtype == dtype
     assert_close(h, h_ref, max(tol, 3 * sens[0]), f"{what} h")
@@ -114,18 +134,17 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", dtypes(), ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", KERNELS)
 def test_matches_recurrent(impl, case, dtype):
+    # (The XLA forms run this grid in float64 in test_ref.py.)
     name, B, T, H, K, V, gate, normalize, L, with_state = case
-    if impl == "parallel" and T > 200:
-        pytest.skip("the quadratic form is for short sequences")
     args, cot = inputs(T + K, B, T, H, K, V, dtype, with_state=with_state)
     check(impl, args, cot, tol=TOL[dtype], chunk_size=L, input_gate=gate, normalize=normalize,
           what=f"{impl} {name}")
 
 
 @pytest.mark.parametrize("L", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "parallel"])
+@pytest.mark.parametrize("impl", KERNELS)
 def test_every_chunk_size(impl, L):
     """T = 4 L + 3: four whole chunks and a padded fifth."""
     args, cot = inputs(L, 1, 4 * L + 3, 1, 16, 32, jnp.float32)
@@ -157,9 +176,8 @@ def test_extreme_gates(impl, case, gate):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_deterministic(impl):
     args, cot = inputs(3, 2, 50, 2, 16, 32, jnp.float32)
-    fn = jax.jit(lambda a: value_and_grads(lambda *x, **k: run(impl, *x, **k), a, cot,
-                                           **({} if impl == "parallel" else dict(chunk_size=16))))
-    first, second = fn(args), fn(args)
+    kw = {} if impl == "parallel" else dict(chunk_size=16)
+    first, second = (value_and_grads(impl, args, cot, **kw) for _ in range(2))
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -181,7 +199,7 @@ def test_chained_calls_equal_one_call(impl, gate):
         return jnp.concatenate(hs, axis=1), st
 
     h1, s1, g1 = value_and_grads(chained, args, cot, input_gate=gate)
-    h0, s0, g0 = value_and_grads(reference, args, cot, input_gate=gate)
+    h0, s0, g0 = value_and_grads("reference", args, cot, input_gate=gate)
     assert_close((h1, s1.c, s1.n), (h0, s0.c, s0.n), 1e-4, f"chained {impl}")
     names = NAMES if gate == "exp" else NAMES[:-1]
     for name, a, b in zip(names, g1, g0):
