@@ -30,3 +30,12 @@ def pytest_sessionfinish(session):
         from tests import utils
         with open(path, "w") as f:
             json.dump(utils.REPORT, f, indent=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drops every compiled executable after each test module: interpret-mode kernels compile
+    to large CPU programs, and a whole suite's worth in one process exhausts memory mappings."""
+    yield
+    import jax
+    jax.clear_caches()

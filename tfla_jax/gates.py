@@ -165,7 +165,7 @@ def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float) -> ChunkGates:
         log_b = (m_prev + lax.stop_gradient(bh)) + lax.stop_gradient(bl)
         m_row = jnp.where(reset_before, A, jnp.maximum(log_b, A))
         # Nothing but the initial state contributes: keep the recurrent's m (the floor needs it).
-        m_row = jnp.where(m_row == -jnp.inf, lax.stop_gradient(m_prev + jnp.cumsum(F, -1)), m_row)
+        m_row = lax.stop_gradient(jnp.where(m_row == -jnp.inf, m_prev + jnp.cumsum(F, -1), m_row))
         log_inter = (m_prev + bh) + bl - m_row
         floor = jnp.exp(-m_row)
     else:
