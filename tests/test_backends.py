@@ -97,6 +97,12 @@ def check(impl, args, cot, *, tol, chunk_size=None, what="", **kw):
         perturbed = [perturb(j, x) for j, x in enumerate(args)]
         h_r, s_r, g_r = value_and_grads("reference", perturbed, cot, **kw)
         sens = [rel_err(h_r, h_ref), 0.0, 0.0, *(rel_err(a, b) for a, b in zip(g_r, g_ref))]
+    elif utils.x64():
+        # A float64 reference: float32 arithmetic cannot beat what the float32 recurrence gets
+        # where the case is ill-conditioned (the extreme-gate mixture); allow 10x of that.
+        h_32, s_32, g_32 = value_and_grads("recurrent", args, cot, **kw)
+        sens = [rel_err(h_32, h_ref), 0.0, 0.0, *(rel_err(a, b) for a, b in zip(g_32, g_ref))]
+        sens = [10 * x / 3 for x in sens]
     assert h.dtype == dtype
     assert_close(h, h_ref, max(tol, 3 * sens[0]), f"{what} h")
     (c, n), (c_ref, n_ref) = common_stabiliser(s, s_ref)
