@@ -238,11 +238,6 @@ def _match_vma(*arrays):
     return out
 
 
-def _gate_vectors(i, f, m0, static: _KernelStatic, L: int) -> gates.ChunkGates:
-    return ref.gate_rows(i, f, chunk_size=L, input_gate=static.input_gate, m0=m0,
-                         scale=static.scale)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _mlstm_kernel(q, k, v, i, f, c0, n0, m0, static):
     """A kernel backend's forward on whole chunks: (h, (c_T, n_T, m_T))."""
@@ -252,7 +247,8 @@ def _mlstm_kernel(q, k, v, i, f, c0, n0, m0, static):
 
 def _mlstm_kernel_fwd(q, k, v, i, f, c0, n0, m0, static, residuals=True):
     backend = backends.get_backend(static.backend)
-    gt = _gate_vectors(i, f, m0, static, backend.chunk_size(static.config))
+    gt = ref.gate_rows(i, f, chunk_size=backend.chunk_size(static.config),
+                       input_gate=static.input_gate, m0=m0, scale=static.scale)
     if backend.gpu_only and not static.interpret:
         q = _gpu_only_p.bind(q, name=static.backend)
     out = backend.forward(q, k, v, gt, c0, n0, config=static.config, normalize=static.normalize,

@@ -52,9 +52,8 @@ class TritonBackend(Backend):
 
     def backward(self, q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states, *, config,
                  interpret):
-        B, T, H, K = q.shape
+        K = q.shape[-1]
         V = v.shape[-1]
-        NC = T // config.chunk_size
         cfg = config.resolve(K, V)
         Kp, Vp = padded_head_dim(K), padded_head_dim(V)
         q, k, v = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
