@@ -297,12 +297,12 @@ class Tfla:
         return list(dict.fromkeys(self.registered() + list(KERNEL_IMPLS)))
 
     def available(self, impl, interpret=False) -> bool:
-        """Whether tfla_jax.mlstm accepts impl here (traced on a tiny abstract input)."""
+        """Whether tfla_jax.mlstm accepts impl here (traced on a tiny abstract bf16 input)."""
         import jax
         import jax.numpy as jnp
 
-        q = jax.ShapeDtypeStruct((1, 16, 1, 16), jnp.float32)
-        g = jax.ShapeDtypeStruct((1, 16, 1), jnp.float32)
+        q = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.bfloat16)
+        g = jax.ShapeDtypeStruct((1, 64, 1), jnp.float32)
         try:
             jax.eval_shape(lambda q, k, v, i, f: self.m.mlstm(
                 q, k, v, i, f, implementation=impl, interpret=interpret or None)[0],

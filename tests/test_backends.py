@@ -25,8 +25,8 @@ from tests.utils import (EXTREME, NAMES, assert_close, common_stabiliser, extrem
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
-IMPLS = ["parallel", "chunkwise", *tfla_jax.available_backends()]
-KERNELS = tfla_jax.available_backends()
+IMPLS = ["parallel", "chunkwise", *utils.suite_backends()]
+KERNELS = utils.suite_backends()
 # Relative RMS bounds per input dtype: float32 is exact arithmetic up to rounding (full-precision
 # dots); bf16 / fp16 round the tensor-core operands (P, k e^a, dh, and for bf16 the states) to
 # the input dtype, fp16's products with states are TF32; tiny cases (T=1: 16 numbers) are noisy.

@@ -7,6 +7,8 @@ shared-memory overflow, compile failures and wrong numbers (those need the GPU:
 New kernel backends are picked up from the registry.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -14,14 +16,17 @@ from jax.sharding import AbstractDevice, AbstractMesh, PartitionSpec as P, use_a
 
 import tfla_jax
 from tfla_jax import MLSTMState
+from tfla_jax.backends import Call
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
 KERNELS = tfla_jax.available_backends()
-# Per backend: the custom-call target of its kernels and how many a forward + backward lowers to.
-CALLS = {"pallas_triton": ("__gpu$xla.gpu.triton", 7)}
+# Per backend: {custom-call target: how many kernels a forward + backward lowers to}.
+CALLS = {"pallas_triton": {"__gpu$xla.gpu.triton": 7},
+         # Mosaic forward (chunk states, output); its backward runs the Triton dq / dk / dv.
+         "pallas_mosaic_gpu": {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5}}
 # (B, T, H, K, V, dtype, input gate, chunk size or None = the default)
 SHIPPED = (
     [(8, 8192, 8, 256, 512, jnp.bfloat16, g, L)
@@ -69,11 +74,20 @@ def _id(c):
 @pytest.mark.parametrize("case", SHIPPED, ids=_id)
 @pytest.mark.parametrize("impl", KERNELS)
 def test_forward_and_backward_lower_for_cuda(impl, case):
+    """Every case the backend accepts lowers to its kernels; a case it declines is a ValueError
+    that names the implementation and the backend's reason."""
     B, T, H, K, V, dtype, gate, L = case
+    backend = tfla_jax.get_backend(impl)
+    call = Call(B=B, T=T, H=H, K=K, V=V, dtype=jnp.dtype(dtype), input_gate=gate, normalize=True,
+                platform="cuda", device_kind=H200.device_kind, interpret=False)
+    reason = backend.supported(call, backend.default_config(call, chunk_size=L))
+    if reason is not None:
+        with pytest.raises(ValueError, match="implementation: .*" + re.escape(reason)):
+            _lower(_value_and_grad(impl, gate, L), _args(B, T, H, K, V, dtype))
+        return
     text = _lower(_value_and_grad(impl, gate, L), _args(B, T, H, K, V, dtype))
-    if impl in CALLS:
-        target, count = CALLS[impl]
-        assert text.count(target) == count, f"expected {count} kernels (forward and backward)"
+    for target, count in CALLS.get(impl, {}).items():
+        assert text.count(target) == count, f"expected {count} {target} kernels (fwd + bwd)"
 
 
 def test_kept_states_lower_for_cuda():

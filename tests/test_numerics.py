@@ -16,7 +16,7 @@ from tests.utils import extreme_gates, numpy_scan, random_like, rel_err, run
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
-KERNELS = tfla_jax.available_backends()
+KERNELS = utils.suite_backends()
 TABLE = ("f=-1e4", "f=-100", "resets", "mixture", "capped", "f=-3e38", "f=-1e30", "f=-inf",
          "i=-inf")
 CHUNKS = (16, 64, 256, 1024, 4096)

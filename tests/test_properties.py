@@ -14,13 +14,14 @@ from hypothesis.extra import numpy as hnp
 
 import tfla_jax
 from tfla_jax import MLSTMState
+from tests import utils
 from tests.utils import common_stabiliser, rel_err, run
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 SHAPES = [(1, 1, 1, 16, 16), (2, 7, 1, 16, 32), (1, 45, 2, 32, 16)]
-IMPLS = ["chunkwise", *tfla_jax.available_backends()]
+IMPLS = ["chunkwise", *utils.suite_backends()]
 F32_MAX = float(np.finfo(np.float32).max)
 
 

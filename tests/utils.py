@@ -18,6 +18,13 @@ def kernel_backends():
     return tfla_jax.available_backends()
 
 
+def suite_backends():
+    """The kernel backends the shared suite runs: all on the GPU; on the CPU those whose kernels
+    interpret in float32 (the others are cross-lowered there, tests/test_lowering.py)."""
+    return [n for n in kernel_backends()
+            if ON_GPU or tfla_jax.get_backend(n).interpretable]
+
+
 def x64() -> bool:
     return bool(jax.config.jax_enable_x64)
 

@@ -7,10 +7,10 @@
 import importlib
 
 from tfla_jax.api import implementations, mlstm, mlstm_step
-from tfla_jax.backends import TritonConfig, available_backends, get_backend
+from tfla_jax.backends import MosaicConfig, TritonConfig, available_backends, get_backend
 from tfla_jax.state import MLSTMState
 
-__all__ = ["mlstm", "mlstm_step", "MLSTMState", "TritonConfig", "implementations",
+__all__ = ["mlstm", "mlstm_step", "MLSTMState", "MosaicConfig", "TritonConfig", "implementations",
            "available_backends", "get_backend", "load_hf_checkpoint", "layers", "hf"]
 __version__ = "0.2.0"
 

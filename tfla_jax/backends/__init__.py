@@ -7,6 +7,8 @@ calls `register(...)`, plus one import line below.
 from tfla_jax.backends.base import (Backend, Call, ForwardOut, KernelGrads, NormTerms,
                                     get_backend, kernel_backends, register)
 from tfla_jax.backends import triton  # noqa: F401  (registers "pallas_triton")
+from tfla_jax.backends import mosaic  # noqa: F401  (registers "pallas_mosaic_gpu")
+from tfla_jax.backends.mosaic import MosaicConfig
 from tfla_jax.backends.triton import TritonConfig
 
 
@@ -15,5 +17,5 @@ def available_backends() -> list[str]:
     return [b.name for b in kernel_backends()]
 
 
-__all__ = ["Backend", "Call", "ForwardOut", "KernelGrads", "NormTerms", "TritonConfig",
+__all__ = ["Backend", "Call", "ForwardOut", "KernelGrads", "NormTerms", "MosaicConfig", "TritonConfig",
            "available_backends", "get_backend", "kernel_backends", "register"]

@@ -100,6 +100,8 @@ class Backend(abc.ABC):
     config_cls: type
     speed_rank: int = 100
     gpu_only: bool = True
+    # Whether the CPU test suite runs it interpreted in float32 (else only compiled, `--gpu`).
+    interpretable: bool = True
 
     @abc.abstractmethod
     def default_config(self, call: Call, chunk_size: int | None = None):

@@ -1,0 +1,84 @@
+"""The Pallas Mosaic GPU kernel backend ("pallas_mosaic_gpu"): TFLA for Hopper (sm90).
+
+TMA loads into swizzled shared memory, wgmma with 16-bit operands and float32 accumulators, the
+gated score tile kept in registers as the A operand of the second matmul (docs/kernels.md).
+Kernels: the chunk-state recurrence in both directions (states.py), the forward output (fwd.py),
+dq / dk / dv (bwd.py). bf16 and fp16 inputs, head dims padded to multiples of 64, K <= 256,
+chunk sizes >= 64; other calls are declined (the Triton backend takes them).
+"""
+
+import jax.numpy as jnp
+
+from tfla_jax.backends.base import Backend, Call, ForwardOut, register
+from tfla_jax.backends.mosaic.config import MAX_CHUNK, MAX_K, MIN_CHUNK, MosaicConfig, padded_head_dim
+from tfla_jax.backends.mosaic.fwd import chunk_output
+from tfla_jax.backends.mosaic.states import state_recurrence
+from tfla_jax.backends.triton.common import pad_last
+
+F32 = jnp.float32
+_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
+
+
+class MosaicBackend(Backend):
+    name = "pallas_mosaic_gpu"
+    config_cls = MosaicConfig
+    speed_rank = 20   # behind pallas_triton until measured faster (benchmarks/README.md)
+    interpretable = False   # bf16 / fp16 only; its CPU tests are cross-lowering + tests/test_mosaic.py
+
+    def default_config(self, call: Call, chunk_size=None):
+        return MosaicConfig.default(call.K, call.V, call.T, call.dtype, chunk_size=chunk_size)
+
+    def chunk_size(self, config):
+        return config.chunk_size
+
+    def supported(self, call: Call, config):
+        if jnp.dtype(call.dtype) not in _DTYPES:
+            return f"dtype {jnp.dtype(call.dtype).name}: the wgmma kernels take bf16 or fp16"
+        if padded_head_dim(call.K) > MAX_K:
+            return (f"K={call.K}: the output kernel holds q and C_c in shared memory for "
+                    f"K <= {MAX_K}")
+        if config.chunk_size < MIN_CHUNK:
+            return (f"chunk_size {config.chunk_size}: a CTA of the output kernel covers "
+                    f"{MIN_CHUNK} query rows of one chunk")
+        if config.chunk_size > MAX_CHUNK:
+            return (f"chunk_size {config.chunk_size}: the output kernel loads a chunk's gate "
+                    f"vectors in one TMA copy of at most {MAX_CHUNK} elements")
+        if not call.interpret and call.platform == "gpu" and call.device_kind and not any(
+                s in call.device_kind for s in ("H100", "H200", "H800", "H20", "GH200")):
+            return f"device {call.device_kind!r}: wgmma and TMA need a Hopper GPU (sm90)"
+        return None
+
+    def forward(self, q, k, v, gates, c0, n0, *, config, normalize, eps, interpret, residuals):
+        K, V = q.shape[-1], v.shape[-1]
+        cfg = config.resolve(K, V)
+        L = cfg.chunk_size
+        Kp, Vp = padded_head_dim(K), padded_head_dim(V)
+        q, k, v = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
+        c0p, n0p = pad_last(c0, Kp, Vp), pad_last(n0, Kp)
+        c_states, n_states, c_last = state_recurrence(
+            k, v, gates.w_state, gates.w_state, gates.decay, c0p, n0p, reverse=False,
+            chunk_size=L, block_t=cfg.states_block_t, block_k=cfg.states_block_k,
+            block_v=cfg.states_block_v, interpret=interpret)
+        rows = dict(bh=gates.bh, row=gates.row, start=gates.start, w_inter=gates.w_inter,
+                    floor=gates.floor)
+        h, den = chunk_output(q, k, v, c_states, n_states, rows,
+                              dict(bh=gates.bh, col=gates.col), chunk_size=L,
+                              normalize=normalize, eps=eps, block_kv=cfg.block_kv,
+                              block_v=cfg.block_v, interpret=interpret)
+        keep = residuals and cfg.keep_states
+        return ForwardOut(h[..., :V], den, c_last[..., :K, :V], n_states[:, :, -1, :K],
+                          states=(c_states, n_states, c_last) if keep else None)
+
+    def backward(self, q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states, *, config,
+                 interpret):
+        # Until the Mosaic dq / dk / dv kernels land: the Triton kernels on our states.
+        from tfla_jax.backends.triton import BACKEND as TRITON, TritonConfig
+        K, V = q.shape[-1], v.shape[-1]
+        tcfg = TritonConfig.default(K, V, q.shape[1], q.dtype, chunk_size=config.chunk_size)
+        return TRITON.backward(q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, None,
+                               config=tcfg, interpret=interpret)
+
+
+BACKEND = register(MosaicBackend())
+
+__all__ = ["BACKEND", "MosaicBackend", "MosaicConfig"]

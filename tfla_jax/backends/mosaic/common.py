@@ -1,0 +1,102 @@
+"""Helpers shared by the Mosaic GPU kernels: SMEM tiles, the matmul-accumulate, layouts.
+
+The Mosaic GPU interpreter (CPU testing) rejects two things the hardware path relies on: a
+register-held wgmma A operand and accumulating into `ACC.init(x)`. `mma` hides the difference:
+on hardware it accumulates in place; interpreted it multiplies into a fresh accumulator (the A
+operand staged through SMEM) and adds in registers. Everything else is the same code.
+"""
+
+import jax
+from jax._src.state import types as state_types
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+LOG2E = 1.4426950408889634
+# Chunk states between kernels: bf16 for bf16 and fp16 inputs (fp16 would overflow on large
+# states; the tensor cores take 16-bit operands only, and the products accumulate in float32).
+STATE_DTYPE = jnp.dtype(BF16)
+ROWS = plgpu.Layout.WGMMA.reduce(1)   # a vector over the rows of a WGMMA-layout tile
+COLS = plgpu.Layout.WGMMA.reduce(0)   # a vector over its columns
+
+
+def tile_transforms(shape, dtype):
+    """Tiling + swizzle for a 2-D SMEM operand of wgmma / TMA (the widest swizzle that fits)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def smem(shape, dtype):
+    """An SMEM scratch tile (leading dims are buffers), swizzled when it is a 16-bit matrix."""
+    if len(shape) >= 2 and jnp.dtype(dtype).itemsize == 2:
+        return plgpu.SMEM(shape, dtype, transforms=tile_transforms(shape, dtype))
+    return plgpu.SMEM(shape, dtype)
+
+
+def zeros(shape):
+    """A float32 register tile in the WGMMA layout."""
+    return plgpu.layout_cast(jnp.zeros(shape, F32), plgpu.Layout.WGMMA)
+
+
+def mma(acc, a, b, *, interpret, scratch=None):
+    """acc + a @ b: acc a float32 WGMMA-layout register tile; a an SMEM ref or a 16-bit register
+    tile (then `scratch`, an SMEM ref of a's shape, is used when interpreted); b an SMEM ref."""
+    if interpret:
+        if not _is_ref(a):
+            scratch[...] = a
+            plgpu.commit_smem()
+            a = scratch
+
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, a, b)
+            return acc_ref[...]
+
+        return acc + pl.run_scoped(product, plgpu.ACC(acc.shape, F32))
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _is_ref(x):
+    return isinstance(x, state_types.TransformedRef) or isinstance(getattr(x, "aval", None),
+                                                           state_types.AbstractRef)
+
+
+def matmul(shape, a, b):
+    """a @ b into a fresh float32 accumulator of `shape` (a, b SMEM refs)."""
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+    return pl.run_scoped(product, plgpu.ACC(shape, F32))
+
+
+def row_vector(ref):
+    """A float32 SMEM vector as a register vector over the rows of a WGMMA tile."""
+    return plgpu.load(ref, layout=ROWS)
+
+
+def col_vector(ref):
+    """A float32 SMEM vector as a register vector over the columns of a WGMMA tile."""
+    return plgpu.load(ref, layout=COLS)
+
+
+def rows_times(w, x):
+    """w[:, None] * x for a row vector w and a WGMMA tile x."""
+    return lax.broadcast_in_dim(w, x.shape, [0]) * x
+
+
+def weighted_copy(src, w, dst):
+    """dst <- (w[:, None] * src) in dst's dtype: src, dst SMEM tiles of one shape, w [rows]."""
+    x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(F32)
+    dst[...] = rows_times(w, x).astype(dst.dtype)
+    plgpu.commit_smem()
+
+
+def interpret_params(interpret: bool):
+    return plgpu.InterpretGPUParams() if interpret else None
