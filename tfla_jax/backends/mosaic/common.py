@@ -6,40 +6,34 @@ on hardware it accumulates in place; interpreted it multiplies into a fresh accu
 operand staged through SMEM) and adds in registers. Everything else is the same code.
 """
 
-import jax
-from jax._src.state import types as state_types
 import jax.numpy as jnp
 from jax import lax
+from jax._src.state import types as state_types
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 F32 = jnp.float32
-BF16 = jnp.bfloat16
 LOG2E = 1.4426950408889634
 # Chunk states between kernels: bf16 for bf16 and fp16 inputs (fp16 would overflow on large
 # states; the tensor cores take 16-bit operands only, and the products accumulate in float32).
-STATE_DTYPE = jnp.dtype(BF16)
+STATE_DTYPE = jnp.dtype(jnp.bfloat16)
 ROWS = plgpu.Layout.WGMMA.reduce(1)   # a vector over the rows of a WGMMA-layout tile
 COLS = plgpu.Layout.WGMMA.reduce(0)   # a vector over its columns
 
 
-def tile_transforms(shape, dtype):
-    """Tiling + swizzle for a 2-D SMEM operand of wgmma / TMA (the widest swizzle that fits)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def smem(shape, dtype):
-    """An SMEM scratch tile (leading dims are buffers), swizzled when it is a 16-bit matrix."""
-    if len(shape) >= 2 and jnp.dtype(dtype).itemsize == 2:
-        return plgpu.SMEM(shape, dtype, transforms=tile_transforms(shape, dtype))
-    return plgpu.SMEM(shape, dtype)
+    """An SMEM scratch tile (leading dims are buffers); a 16-bit matrix gets the tiling and the
+    widest swizzle its minor dim allows (what TMA and wgmma want)."""
+    if len(shape) < 2 or jnp.dtype(dtype).itemsize != 2:
+        return plgpu.SMEM(shape, dtype)
+    swizzle = plgpu.find_swizzle(shape[-1] * 16)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // 2)),
+                                                plgpu.SwizzleTransform(swizzle)))
 
 
-def zeros(shape):
-    """A float32 register tile in the WGMMA layout."""
-    return plgpu.layout_cast(jnp.zeros(shape, F32), plgpu.Layout.WGMMA)
+def _is_ref(x):
+    return isinstance(x, state_types.TransformedRef) or isinstance(getattr(x, "aval", None),
+                                                                   state_types.AbstractRef)
 
 
 def mma(acc, a, b, *, interpret, scratch=None):
@@ -63,39 +57,14 @@ def mma(acc, a, b, *, interpret, scratch=None):
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
-def _is_ref(x):
-    return isinstance(x, state_types.TransformedRef) or isinstance(getattr(x, "aval", None),
-                                                           state_types.AbstractRef)
-
-
-def matmul(shape, a, b):
-    """a @ b into a fresh float32 accumulator of `shape` (a, b SMEM refs)."""
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
-        return acc_ref[...]
-    return pl.run_scoped(product, plgpu.ACC(shape, F32))
-
-
 def row_vector(ref):
     """A float32 SMEM vector as a register vector over the rows of a WGMMA tile."""
     return plgpu.load(ref, layout=ROWS)
 
 
-def col_vector(ref):
-    """A float32 SMEM vector as a register vector over the columns of a WGMMA tile."""
-    return plgpu.load(ref, layout=COLS)
-
-
 def rows_times(w, x):
     """w[:, None] * x for a row vector w and a WGMMA tile x."""
     return lax.broadcast_in_dim(w, x.shape, [0]) * x
-
-
-def weighted_copy(src, w, dst):
-    """dst <- (w[:, None] * src) in dst's dtype: src, dst SMEM tiles of one shape, w [rows]."""
-    x = plgpu.load(src, layout=plgpu.Layout.WGMMA).astype(F32)
-    dst[...] = rows_times(w, x).astype(dst.dtype)
-    plgpu.commit_smem()
 
 
 def interpret_params(interpret: bool):

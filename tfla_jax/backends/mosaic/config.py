@@ -3,8 +3,8 @@
 Kernels and the fields that tile them:
   chunk states (forward, recompute) and state grads   grid (K/states_block_k, V/states_block_v,
       B*H), sequential over the chunks in TMA sub-blocks of states_block_t rows: states_*
-  output (forward)   grid (V/block_v, L/block_q, NC, B*H), kv tiles of block_kv rows up to the
-      diagonal: block_q, block_kv, block_v
+  output (forward)   grid (V/block_v, L/128, NC, B*H), 2 compute warpgroups x 64 query rows and
+      a TMA warpgroup, 64-row kv tiles up to the diagonal: block_v
 wgmma constraints: row tiles (M) are multiples of 64, column tiles (N) multiples of 8 and <= 256;
 head dims are zero-padded to a multiple of 64. Shared memory (~227 KB per CTA) bounds the
 output kernel to K <= 256 with block_v <= 256 (larger K goes to another backend).
@@ -18,10 +18,9 @@ WGMMA_M = 64      # wgmma row tiles are multiples of this; head dims are padded 
 MAX_N = 256       # wgmma column tiles are at most this
 MIN_CHUNK = 128  # the output kernel's CTA covers 2 x 64 query rows of one chunk
 MAX_CHUNK = 256  # a TMA copy moves at most 256 elements per dimension
-MAX_K = 256       # the output kernel holds q (block_q x K) and C_c (K x block_v) in SMEM
+MAX_K = 256       # the output kernel keeps q of 2 x 64 rows and 2 k tiles (64 x K) in SMEM
 
-_BLOCKS = ("chunk_size", "block_q", "block_kv", "block_v", "states_block_t", "states_block_k",
-           "states_block_v")
+_BLOCKS = ("chunk_size", "block_v", "states_block_t", "states_block_k", "states_block_v")
 
 
 def padded_head_dim(d: int) -> int:
@@ -41,21 +40,18 @@ class MosaicConfig:
     """Tiles of the Mosaic GPU backend (frozen: a jit static argument). Every block is a
     multiple of 64; block_v and states_block_v are at most 256.
 
-    chunk_size: L (a power of two; the backend runs L >= 128). block_q, block_kv: query / key tiles of the output
-      kernel (<= L); block_v: its V slice (a grid axis; q k^T is recomputed per slice).
+    chunk_size: L (a power of two; the backend runs L = 128 and 256).
+    block_v: the V slice of the output kernel (a grid axis; q k^T is recomputed per slice).
     states_block_k, states_block_v: the state tile one CTA of the recurrences owns;
-      states_block_t: rows per TMA sub-block.
-    keep_states: keep the forward's chunk states for the backward instead of recomputing them.
+      states_block_t: rows per TMA sub-block; states_stages: TMA buffers in flight.
     """
 
     chunk_size: int = 256
-    block_q: int = 64
-    block_kv: int = 64
     block_v: int = 256
     states_block_t: int = 64
     states_block_k: int = 64
     states_block_v: int = 256
-    keep_states: bool = False
+    states_stages: int = 2
 
     def __post_init__(self):
         L = self.chunk_size
@@ -66,24 +62,21 @@ class MosaicConfig:
             if not isinstance(val, int) or isinstance(val, bool) or val < WGMMA_M or val % WGMMA_M:
                 raise ValueError(f"MosaicConfig.{name}: expected a multiple of {WGMMA_M}, "
                                  f"got {val!r}")
+        if not isinstance(self.states_stages, int) or self.states_stages < 1:
+            raise ValueError(f"MosaicConfig.states_stages: expected an int >= 1, got "
+                             f"{self.states_stages!r}")
         for name in ("block_v", "states_block_v"):
             if getattr(self, name) > MAX_N:
                 raise ValueError(f"MosaicConfig.{name}: wgmma tiles are at most {MAX_N} wide, "
                                  f"got {getattr(self, name)}")
-        if not isinstance(self.keep_states, bool):
-            raise ValueError(f"MosaicConfig.keep_states: expected a bool, got "
-                             f"{self.keep_states!r}")
 
     def resolve(self, K: int, V: int) -> "MosaicConfig":
         """Blocks shrunk to fit the chunk and to divide the padded head dims."""
         L = self.chunk_size
         Kp, Vp = padded_head_dim(K), padded_head_dim(V)
-        block_q = max(WGMMA_M, min(self.block_q, L))
-        block_kv = max(WGMMA_M, min(self.block_kv, L))
         return dataclasses.replace(
-            self, block_q=block_q if L % block_q == 0 else WGMMA_M,
-            block_kv=block_kv if L % block_kv == 0 else WGMMA_M,
-            block_v=_fit(self.block_v, Vp), states_block_t=max(WGMMA_M, min(self.states_block_t, L)),
+            self, block_v=_fit(self.block_v, Vp),
+            states_block_t=max(WGMMA_M, min(self.states_block_t, L)),
             states_block_k=_fit(self.states_block_k, Kp),
             states_block_v=_fit(self.states_block_v, Vp))
 

@@ -26,12 +26,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tfla_jax.backends.mosaic.common import (COLS, F32, LOG2E, ROWS, STATE_DTYPE,
-                                             interpret_params, mma, smem)
+                                             interpret_params, mma, row_vector, rows_times,
+                                             smem)
 
 ROW_VECTORS = ("bh", "row", "start", "w_inter", "floor")
 CHUNK_VECTORS = ("bh", "col")
 SLICE = 64          # K slice width of every q / k operand
 ROWS_PER_WG = 64    # query rows of one compute warpgroup
+KV_TILE = 64        # rows of a kv tile (a freed v slot stages a warpgroup's h: same shape)
 COMPUTE_WGS = 2
 
 
@@ -118,7 +120,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
                 plgpu.copy_gmem_to_smem(src, dst, in_bars.at[wg, idx])
             for idx in range(len(copies)):
                 plgpu.barrier_wait(in_bars.at[wg, idx])
-            load = lambda name: plgpu.load(my_vecs[name], layout=ROWS)  # noqa: E731
+            load = lambda name: row_vector(my_vecs[name])  # noqa: E731
             w_inter = load("w_inter")
             scratch = p_smem.at[wg] if interpret else None
 
@@ -131,7 +133,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
                 qu = plgpu.load(my_q.at[u], layout=plgpu.Layout.WGMMA).astype(F32)
                 nu = plgpu.load(n_smem.at[wg, u], layout=COLS)
                 qn = qn + (qu * lax.broadcast_in_dim(nu, qu.shape, [1])).sum(axis=1)
-                a = (lax.broadcast_in_dim(w_inter, qu.shape, [0]) * qu).astype(STATE_DTYPE)
+                a = rows_times(w_inter, qu).astype(STATE_DTYPE)
                 plgpu.barrier_wait(vc_loaded.at[slot])
                 acc = mma(acc, a, c_smem.at[slot], interpret=interpret,
                           scratch=scratch if interpret else None)
@@ -224,7 +226,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
 
 
 def chunk_output(q, k, v, c_states, n_states, rows, chunk, *, chunk_size, normalize, eps,
-                 block_kv=64, block_v=None, interpret=False):
+                 block_v=None, interpret=False):
     """h (B, T, H, V) in v's dtype and den (B, H, T) float32.
 
     q, k: (B, T, H, K), v: (B, T, H, V) (bf16/fp16, K and V multiples of 64, L a multiple of
@@ -234,7 +236,7 @@ def chunk_output(q, k, v, c_states, n_states, rows, chunk, *, chunk_size, normal
     B, T, H, K = q.shape
     V = v.shape[-1]
     block_v = block_v or min(V, 256)
-    kernel = functools.partial(_output_kernel, chunk_size=chunk_size, block_kv=block_kv,
+    kernel = functools.partial(_output_kernel, chunk_size=chunk_size, block_kv=KV_TILE,
                                block_v=block_v, H=H, normalize=normalize, eps=eps,
                                interpret=interpret)
     return plgpu.kernel(
