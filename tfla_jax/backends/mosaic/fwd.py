@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, LOG2E, ROWS, STATE_DTYPE,
                                              interpret_params, mma, row_vector, rows_times,
                                              smem)
@@ -44,7 +45,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
     # out h_ref (B, T, H, V), den_ref (B, H, T).
     vt, qt, c, z = (lax.axis_index(n) for n in ("v", "q", "c", "bh"))
     wg = lax.axis_index("wg")
-    b, h = lax.div(z, H), lax.rem(z, H)
+    b, h = idiv(z, H), irem(z, H)
     K = q_ref.shape[-1]
     nk = K // SLICE
     dtype = q_ref.dtype
@@ -52,7 +53,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
     vs = pl.ds(vt * block_v, block_v)
     chunk0 = c * chunk_size
     # kv tiles up to the diagonal of the last row of this CTA (all warpgroups see all of them).
-    n_kv = lax.div((qt + 1) * cta_rows + block_kv - 1, block_kv)
+    n_kv = idiv((qt + 1) * cta_rows + block_kv - 1, block_kv)
 
     def body(q_smem, k_smem, vc_smem, c_smem, vecs, chunk_vecs, n_smem, p_smem, bars):
         # C slices and v tiles share slots and barriers; fp16 inputs need bf16 slots for C.
@@ -84,7 +85,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
 
             @pl.loop(0, nk + n_kv)
             def _(step):
-                slot = lax.rem(step, 2)
+                slot = irem(step, 2)
 
                 @pl.when(step >= 2)
                 def _():
@@ -95,7 +96,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
 
                 @pl.when(j >= 0)
                 def _():
-                    kslot = lax.rem(j, 2)
+                    kslot = irem(j, 2)
 
                     @pl.when(j >= 2)
                     def _():
@@ -147,11 +148,11 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
             kv_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
             rows_of = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
             cols_of = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
-            n_own = lax.div(r0 + ROWS_PER_WG + block_kv - 1, block_kv)
+            n_own = idiv(r0 + ROWS_PER_WG + block_kv - 1, block_kv)
 
             def step(j, carry):
                 acc, den = carry
-                kslot, vslot = lax.rem(j, 2), lax.rem(j + nk, 2)
+                kslot, vslot = irem(j, 2), irem(j + nk, 2)
                 plgpu.barrier_wait(k_loaded.at[kslot])
 
                 def scores(acc_ref):
@@ -179,7 +180,7 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
 
             @pl.loop(n_own, n_kv)
             def _(j):
-                kslot, vslot = lax.rem(j, 2), lax.rem(j + nk, 2)
+                kslot, vslot = irem(j, 2), irem(j + nk, 2)
                 plgpu.barrier_wait(k_loaded.at[kslot])
                 plgpu.barrier_arrive(k_free.at[kslot])
                 plgpu.barrier_wait(vc_loaded.at[vslot])

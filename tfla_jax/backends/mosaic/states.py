@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, STATE_DTYPE, interpret_params, mma,
                                              row_vector, rows_times, smem)
 
@@ -27,7 +28,7 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
     # x0_ref (B, H, K, V), y0_ref (B, H, K) f32; out states_ref (B, H, NC+1, K, V) bf16,
     # vec_ref (B, H, NC+1, K) f32 (written by the first V tile), last_ref (B, H, K, V) f32.
     kt, vt, z = lax.axis_index("k"), lax.axis_index("v"), lax.axis_index("bh")
-    b, h = lax.div(z, H), lax.rem(z, H)
+    b, h = idiv(z, H), irem(z, H)
     T = a_ref.shape[1]
     NC = T // chunk_size
     n_sub = chunk_size // block_t
@@ -66,10 +67,10 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
         def step(indices, a_smem, b_smem, w_smem, w2_smem, carry):
             x, y = carry
             j = indices[0]
-            chunk = lax.div(j, n_sub)
+            chunk = idiv(j, n_sub)
             if reverse:
                 chunk = NC - 1 - chunk
-            first = lax.rem(j, n_sub) == 0
+            first = irem(j, n_sub) == 0
 
             @pl.when(first)
             def _():
@@ -84,7 +85,7 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
 
         def rows(j):
             if reverse:  # the sub-blocks of chunk NC-1-c in order
-                c, r = lax.div(j, n_sub), lax.rem(j, n_sub)
+                c, r = idiv(j, n_sub), irem(j, n_sub)
                 return (NC - 1 - c) * n_sub + r
             return j
 
@@ -135,6 +136,7 @@ def state_recurrence(a, b, w, w2, decay, x0, y0, *, reverse, chunk_size, block_t
     V = b.shape[-1]
     NC = T // chunk_size
     block_v = block_v or min(V, 256)
+    w, w2, decay, x0, y0 = (x.astype(F32) for x in (w, w2, decay, x0, y0))
     # TMA needs 16-byte strides: the per-chunk decays are padded to a multiple of 4 floats.
     decay = jnp.pad(decay, ((0, 0), (0, 0), (0, -NC % 4)))
     kernel = functools.partial(_recurrence_kernel, reverse=reverse, chunk_size=chunk_size,
