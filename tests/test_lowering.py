@@ -127,3 +127,16 @@ def test_shard_map_with_vma_checks_lowers_for_cuda():
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
             lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_segment_ids_lower_for_cuda(impl):
+    """Packed sequences reach the kernels through the gate vectors only: the same kernels."""
+    def loss(q, k, v, i, f, ids):
+        h, _ = tfla_jax.mlstm(q, k, v, i, f, implementation=impl, segment_ids=ids)
+        return jnp.sum(h.astype(jnp.float32))
+
+    args = (*_args(2, 300, 2, 64, 128, jnp.bfloat16)[:5], _sds((2, 300), jnp.int32))
+    text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), args)
+    for target, count in CALLS.get(impl, {}).items():
+        assert text.count(target) == count

@@ -103,6 +103,20 @@ def _check_qkvif(q, k, v, i, f, time_axis: bool):
     return B, T, H, K, v.shape[-1]
 
 
+def _segment_starts(segment_ids, B, T):
+    """(B, T) bool, True where a position's id differs from the previous one's (None: None)."""
+    if segment_ids is None:
+        return None
+    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+        raise ValueError(f"segment_ids: expected a (B, T) integer array or None, got "
+                         f"{type(segment_ids).__name__}")
+    if tuple(segment_ids.shape) != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids: expected an integer array of shape {(B, T)} (B, T of q), "
+                         f"got {_describe(segment_ids)}")
+    ids = jnp.asarray(segment_ids)
+    return jnp.concatenate([jnp.zeros((B, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+
+
 def _check_chunk_size(chunk_size):
     if chunk_size is None:
         return
@@ -212,7 +226,7 @@ class _KernelStatic(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
-def _kernel_path(q, k, v, i, f, c0, n0, m0, *, static: _KernelStatic):
+def _kernel_path(q, k, v, i, f, c0, n0, m0, seg_start, *, static: _KernelStatic):
     B, T, H, K = q.shape
     V = v.shape[-1]
     backend = backends.get_backend(static.backend)
@@ -221,9 +235,9 @@ def _kernel_path(q, k, v, i, f, c0, n0, m0, *, static: _KernelStatic):
     m0 = (jnp.zeros((B, H), jnp.float32) if m0 is None or static.input_gate != "exp"
           else m0.astype(jnp.float32))
     # Padding stays outside the custom_vjp: its transpose (slicing the pads off) is automatic.
-    args = ref.pad_to_chunks(q, k, v, i, f, backend.chunk_size(static.config))
-    args = _match_vma(*args, c0, n0, m0)
-    h, (c_T, n_T, m_T) = _mlstm_kernel(*args, static)
+    L = backend.chunk_size(static.config)
+    args = _match_vma(*ref.pad_to_chunks(q, k, v, i, f, L), c0, n0, m0)
+    h, (c_T, n_T, m_T) = _mlstm_kernel(*args, ref.pad_starts(seg_start, L), static)
     return h[:, :T], MLSTMState(c_T, n_T, m_T)
 
 
@@ -238,27 +252,30 @@ def _match_vma(*arrays):
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _mlstm_kernel(q, k, v, i, f, c0, n0, m0, static):
-    """A kernel backend's forward on whole chunks: (h, (c_T, n_T, m_T))."""
-    out, _ = _mlstm_kernel_fwd(q, k, v, i, f, c0, n0, m0, static, residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _mlstm_kernel(q, k, v, i, f, c0, n0, m0, seg_start, static):
+    """A kernel backend's forward on whole chunks: (h, (c_T, n_T, m_T)). seg_start: None or
+    (B, T) bool (packed sequences; the kernels see it only through the gate vectors)."""
+    out, _ = _mlstm_kernel_fwd(q, k, v, i, f, c0, n0, m0, seg_start, static, residuals=False)
     return out
 
 
-def _mlstm_kernel_fwd(q, k, v, i, f, c0, n0, m0, static, residuals=True):
+def _mlstm_kernel_fwd(q, k, v, i, f, c0, n0, m0, seg_start, static, residuals=True):
     backend = backends.get_backend(static.backend)
     gt = ref.gate_rows(i, f, chunk_size=backend.chunk_size(static.config),
-                       input_gate=static.input_gate, m0=m0, scale=static.scale)
+                       input_gate=static.input_gate, m0=m0, scale=static.scale,
+                       seg_start=seg_start)
     if backend.gpu_only and not static.interpret:
         q = _gpu_only_p.bind(q, name=static.backend)
     out = backend.forward(q, k, v, gt, c0, n0, config=static.config, normalize=static.normalize,
                           eps=static.eps, interpret=static.interpret, residuals=residuals)
     final = (out.c_T, out.n_T, gt.m_states[..., -1])
-    return (out.h, final), (q, k, v, i, f, c0, n0, m0, gt, out.h, out.den, out.states)
+    return (out.h, final), (q, k, v, i, f, c0, n0, m0, seg_start, gt, out.h, out.den,
+                            out.states)
 
 
 def _mlstm_kernel_bwd(static, saved, cotangents):
-    q, k, v, i, f, c0, n0, m0, gt, h, den, states = saved
+    q, k, v, i, f, c0, n0, m0, seg_start, gt, h, den, states = saved
     dh, (dc_T, dn_T, _) = cotangents  # m_T's cotangent is implied by (c_T, n_T): m is constant
     backend = backends.get_backend(static.backend)
     B, T, H, _ = q.shape
@@ -289,13 +306,16 @@ def _mlstm_kernel_bwd(static, saved, cotangents):
                 gates.log_forget_gate(f.astype(jnp.float32)))
 
     F = log_gates(i, f)[1]
-    dF = jnp.where(F <= gates.RESET_LOG_F, 0.0, rows(dF))   # a reset does not depend on F
+    reset = F <= gates.RESET_LOG_F                           # a reset does not depend on F
+    if seg_start is not None:
+        reset = reset | seg_start[..., None]
+    dF = jnp.where(reset, 0.0, rows(dF))
     di, df = jax.vjp(log_gates, i, f)[1]((rows(g.kdk), dF))
     if static.input_gate == "exp":
         dm0 = jnp.sum(g.dc0 * c0, axis=(-2, -1)) + jnp.sum(g.dn0 * n0, axis=-1)
     else:
         dm0 = jnp.zeros_like(m0)
-    return (g.dq, g.dk, g.dv, di.astype(i.dtype), df.astype(f.dtype), g.dc0, g.dn0, dm0)
+    return (g.dq, g.dk, g.dv, di.astype(i.dtype), df.astype(f.dtype), g.dc0, g.dn0, dm0, None)
 
 
 _mlstm_kernel.defvjp(_mlstm_kernel_fwd, _mlstm_kernel_bwd)
@@ -307,7 +327,7 @@ _mlstm_kernel.defvjp(_mlstm_kernel_fwd, _mlstm_kernel_bwd)
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
           return_state=False, scale=None, eps=1e-6, chunk_size=None, implementation=None,
-          interpret=None, config=None):
+          interpret=None, config=None, segment_ids=None):
     """The mLSTM cell over a sequence (xLSTM matrix memory), layout (B, T, H, D).
 
     Args:
@@ -325,6 +345,10 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
         backend by name (`tfla_jax.available_backends()`, e.g. "pallas_triton").
       interpret: run the kernels in Pallas interpret mode (CPU testing); default off.
       config: the kernel backend's config (e.g. `tfla_jax.TritonConfig`).
+      segment_ids: optional (B, T) integers for packed sequences: a position whose id differs
+        from the previous position's starts a new sequence from the zero state (only changes
+        matter; ids need not be sorted or distinct across a row). initial_state applies to each
+        row's first sequence, the final state is that of its last.
 
     Returns:
       (h, state): h (B, T, H, V) in v's dtype; state the final MLSTMState if return_state else None.
@@ -337,6 +361,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
     _check_chunk_size(chunk_size)
     if initial_state is not None:
         _check_state("initial_state", initial_state, B, H, K, V)
+    seg_start = _segment_starts(segment_ids, B, T)
     if implementation is not None and implementation not in implementations():
         raise ValueError(f"implementation: expected None or one of {implementations()}, "
                          f"got {implementation!r}")
@@ -356,16 +381,19 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
     scale = K ** -0.5 if scale is None else float(scale)
     opts = dict(input_gate=input_gate, normalize=normalize, scale=scale, eps=float(eps))
     if choice.name == "recurrent":
-        h, state = _recurrent(q, k, v, i, f, initial_state=initial_state, **opts)
+        h, state = _recurrent(q, k, v, i, f, initial_state=initial_state, seg_start=seg_start,
+                              **opts)
     elif choice.name == "parallel":
-        h, state = _parallel(q, k, v, i, f, initial_state=initial_state, **opts)
+        h, state = _parallel(q, k, v, i, f, initial_state=initial_state, seg_start=seg_start,
+                             **opts)
     elif choice.name == "chunkwise":
         L = chunk_size or min(DEFAULT_CHUNK_SIZE_XLA, _next_pow2(T))
-        h, state = _chunkwise(q, k, v, i, f, initial_state=initial_state, chunk_size=L, **opts)
+        h, state = _chunkwise(q, k, v, i, f, initial_state=initial_state, chunk_size=L,
+                              seg_start=seg_start, **opts)
     else:
         c0, n0, m0 = initial_state if initial_state is not None else (None, None, None)
         static = _KernelStatic(choice.name, choice.config, interpret=bool(interpret), **opts)
-        h, state = _kernel_path(q, k, v, i, f, c0, n0, m0, static=static)
+        h, state = _kernel_path(q, k, v, i, f, c0, n0, m0, seg_start, static=static)
     return h, (state if return_state else None)
 
 

@@ -134,15 +134,18 @@ class ChunkGates(NamedTuple):
     m_states: jax.Array
 
 
-def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float) -> ChunkGates:
-    """The chunkwise gate vectors. F, logi: [..., NC, L] (float32/64); m0: [...] initial m.
+def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float, seg_start=None) -> ChunkGates:
+    """The chunkwise gate vectors. F, logi: [..., NC, L] (float32/64); m0: [...] initial m;
+    seg_start: None or [..., NC, L] bool, True where a new sequence starts (packed sequences).
 
     The stabiliser is the recurrent one (`stabiliser_step`), computed by associative scans
     (in-chunk, then across chunks) and held constant under differentiation. A log forget gate
     <= RESET_LOG_F is a hard reset: every weight across it is exactly 0 (docs/numerics.md).
+    A sequence start is a hard reset from the zero state (C, n, m) = 0: the same weights, and the
+    stabiliser restarts at m = max(F_t + 0, log i_t), a constant map of the previous m.
     """
     lead, (NC, L) = F.shape[:-2], F.shape[-2:]
-    reset = F <= RESET_LOG_F
+    reset = F <= RESET_LOG_F if seg_start is None else (F <= RESET_LOG_F) | seg_start
     idx = lax.broadcasted_iota(jnp.int32, F.shape, F.ndim - 1)
     start = lax.cummax(jnp.where(reset, idx, 0), axis=F.ndim - 1)
     reset_before = lax.cummax(reset.astype(jnp.int32), axis=F.ndim - 1) > 0      # some r <= tau
@@ -155,10 +158,14 @@ def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float) -> ChunkGates:
     a = lax.cumsum(F_after, axis=F.ndim - 1, reverse=True) + logi   # same-sign sums: accurate
     log_scale = jnp.log(jnp.asarray(scale, F.dtype))
     if exp_gate:
-        _, A = lax.associative_scan(_compose, (F, logi), axis=-1)  # max_{s<=tau} (b_tau-b_s+logi_s)
-        A = lax.stop_gradient(A)
-        G, M = lax.associative_scan(_compose, (lax.stop_gradient(jnp.sum(F, -1)), A[..., -1]),
-                                    axis=-1)
+        F_m, A_m = F, logi
+        if seg_start is not None:   # x -> max(0 + F_t, log i_t) at a start (constant in x)
+            F_m = jnp.where(seg_start, -jnp.inf, F)
+            A_m = jnp.where(seg_start, jnp.maximum(F, logi), logi)
+        G, A = lax.associative_scan(_compose, (F_m, A_m), axis=-1)  # max_s (b_tau-b_s+logi_s)
+        G = jnp.sum(F, -1) if seg_start is None else G[..., -1]    # -inf: a start in the chunk
+        G, A = lax.stop_gradient(G), lax.stop_gradient(A)
+        G, M = lax.associative_scan(_compose, (G, A[..., -1]), axis=-1)
         m_next = lax.stop_gradient(jnp.maximum(m0[..., None] + G, M))   # [..., NC]
         m_states = jnp.concatenate([m0[..., None], m_next], axis=-1)
         m_prev = m_states[..., :-1, None]

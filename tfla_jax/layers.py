@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -374,8 +375,10 @@ class mLSTMLayer(nnx.Module):  # noqa: N801
         return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h))
 
     def __call__(self, x: jax.Array, state: MLSTMState | None = None, *,
-                 return_state: bool = False) -> tuple[jax.Array, MLSTMState | None]:
-        """x (B, T, d); state: optional initial MLSTMState (c (B,H,K,V), n (B,H,K), m (B,H)).
+                 return_state: bool = False,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, MLSTMState | None]:
+        """x (B, T, d); state: optional initial MLSTMState (c (B,H,K,V), n (B,H,K), m (B,H));
+        segment_ids: optional (B, T) integers of packed sequences (`tfla_jax.mlstm`).
 
         Returns (y (B, T, d) in config.dtype, final MLSTMState float32 if return_state else None).
         """
@@ -383,7 +386,7 @@ class mLSTMLayer(nnx.Module):  # noqa: N801
         q, k, v, o, i, f = self._project(x)
         h, state = api.mlstm(q, k, v, i, f, initial_state=state, return_state=return_state,
                              eps=cfg.eps, chunk_size=cfg.chunk_size,
-                             implementation=cfg.mlstm_implementation)
+                             implementation=cfg.mlstm_implementation, segment_ids=segment_ids)
         return self._output(h, o), state
 
     def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
@@ -420,9 +423,12 @@ class mLSTMBlock(nnx.Module):  # noqa: N801
         self.ffn = FeedForward(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, state: MLSTMState | None = None, *,
-                 return_state: bool = False) -> tuple[jax.Array, MLSTMState | None]:
-        """x (B, T, d) -> (x (B, T, d), final MLSTMState or None); as `mLSTMLayer.__call__`."""
-        h, state = self.mlstm_layer(self.norm_mlstm(x), state, return_state=return_state)
+                 return_state: bool = False,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, MLSTMState | None]:
+        """x (B, T, d) -> (x (B, T, d), final MLSTMState or None); as `mLSTMLayer.__call__`.
+        Only the mLSTM mixes positions (norms and the FFN act per position)."""
+        h, state = self.mlstm_layer(self.norm_mlstm(x), state, return_state=return_state,
+                                    segment_ids=segment_ids)
         x = x + h
         return x + self.ffn(self.norm_ffn(x)), state
 
@@ -495,13 +501,13 @@ class xLSTMLM(nnx.Module):  # noqa: N801
             raise ValueError(f"tokens: expected integer ids of shape {layout}, got shape "
                              f"{tuple(tokens.shape)} dtype {tokens.dtype}")
 
-    def _run_blocks(self, x, state, *, step: bool, return_state: bool):
+    def _run_blocks(self, x, state, *, step: bool, return_state: bool, segment_ids=None):
         cfg = self.config
 
         def apply(block, x, s):
             if step:
                 return block.step(x, s)
-            return block(x, s, return_state=return_state)
+            return block(x, s, return_state=return_state, segment_ids=segment_ids)
 
         if cfg.remat and not step:
             apply = nnx.remat(apply, prevent_cse=not cfg.scan_blocks)
@@ -525,20 +531,25 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         return soft_cap(logits, self.config.output_logit_soft_cap)
 
     def __call__(self, tokens: jax.Array, state: MLSTMState | None = None, *,
-                 return_state: bool = False) -> tuple[jax.Array, MLSTMState | None]:
+                 return_state: bool = False,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, MLSTMState | None]:
         """Forward over a sequence (training, scoring, prefill).
 
         Args:
           tokens: (B, T) integer ids, any T >= 1.
           state: optional initial state (see `init_state`); None means zeros.
           return_state: also return the final state (to continue with `step` or another call).
+          segment_ids: optional (B, T) integers of packed documents: where the id changes, every
+            block's state restarts from zero (`tfla_jax.mlstm`); `state` applies to each row's
+            first document, the returned state is that of its last.
         Returns:
           (logits (B, T, vocab_size) float32 soft-capped, final MLSTMState or None).
         """
         self._check_tokens(tokens, 2)
         self._check_state(state, tokens.shape[0])
         x = self.embeddings(tokens)
-        x, state = self._run_blocks(x, state, step=False, return_state=return_state)
+        x, state = self._run_blocks(x, state, step=False, return_state=return_state,
+                                    segment_ids=segment_ids)
         return self._logits(x), state
 
     def step(self, tokens: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
@@ -576,13 +587,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
-def _generate(graphdef, variables, prompt, key, temperature, greedy, eos, *, max_new_tokens,
-              top_k):
+def _generate(graphdef, variables, prompt, segment_ids, key, temperature, greedy, eos, *,
+              max_new_tokens, top_k):
     """eos < 0 means no end-of-sequence token. Returns (tokens (B, max_new_tokens), state)."""
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, greedy=greedy)
     keys = jax.random.split(key, max_new_tokens)
     model = nnx.merge(graphdef, variables)
-    logits, state = model(prompt, return_state=True)           # prefill: the sequence path
+    logits, state = model(prompt, return_state=True, segment_ids=segment_ids)   # prefill
     first = sample(logits[:, -1], keys[0])
     done = (eos >= 0) & (first == eos)
 
@@ -601,13 +612,17 @@ def _generate(graphdef, variables, prompt, key, temperature, greedy, eos, *, max
 
 def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, rng: jax.Array | None = None,
-             eos_token_id: int | None = None, return_state: bool = False):
+             eos_token_id: int | None = None, return_state: bool = False,
+             prompt_lengths: jax.Array | None = None):
     """Autoregressive generation: prefill the prompt through the sequence path (the TFLA kernels),
     then a jit-compiled `lax.scan` of `mlstm_step` decode steps.
 
     Args:
       model: an xLSTMLM.
-      prompt: (B, T0) integer ids, T0 >= 1 (all rows the same length).
+      prompt: (B, T0) integer ids, T0 >= 1.
+      prompt_lengths: optional (B,) ints in [1, T0]: row b's prompt is prompt[b, :len_b] (the
+        rest is padding). Each row then equals generating its prompt alone: the prompt is moved
+        to the end of the row and the padding before it is a separate packed sequence.
       max_new_tokens: number of tokens to generate (>= 1).
       temperature: 0.0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
       top_k: sample only among the k most likely tokens (None: all). top_k=1 is greedy.
@@ -638,9 +653,26 @@ def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperat
         rng = jax.random.key(0)
     if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < vocab):
         raise ValueError(f"eos_token_id: expected None or an int in [0, {vocab}), got {eos_token_id!r}")
+    prompt, segment_ids = _align_prompts(prompt.astype(jnp.int32), prompt_lengths)
     graphdef, variables = nnx.split(model)
-    tokens, state = _generate(graphdef, variables, prompt.astype(jnp.int32), rng,
+    tokens, state = _generate(graphdef, variables, prompt, segment_ids, rng,
                               jnp.float32(temperature if temperature > 0 else 1.0),
                               jnp.bool_(greedy), jnp.int32(-1 if eos_token_id is None else eos_token_id),
                               max_new_tokens=max_new_tokens, top_k=top_k)
     return (tokens, state) if return_state else tokens
+
+
+def _align_prompts(prompt, prompt_lengths):
+    """Right-aligns prompts of different lengths; segment ids put the padding in its own sequence."""
+    if prompt_lengths is None:
+        return prompt, None
+    B, T0 = prompt.shape
+    lengths = np.asarray(prompt_lengths)
+    if (lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer)
+            or lengths.min() < 1 or lengths.max() > T0):
+        raise ValueError(f"prompt_lengths: expected {B} ints in [1, {T0}], got "
+                         f"{np.asarray(prompt_lengths)!r}")
+    shift = jnp.asarray(T0 - lengths, jnp.int32)
+    t = jnp.arange(T0)
+    aligned = jnp.take_along_axis(prompt, (t[None, :] - shift[:, None]) % T0, axis=1)
+    return aligned, (t[None, :] >= shift[:, None]).astype(jnp.int32)

@@ -30,19 +30,30 @@ def pad_to_chunks(q, k, v, i, f, chunk_size: int):
             _pad(f.astype(jnp.promote_types(f.dtype, jnp.float32)), gates.F_PAD))
 
 
-def gate_rows(i, f, *, chunk_size, input_gate, m0, scale, dtype=jnp.float32) -> gates.ChunkGates:
-    """ChunkGates of raw gates i, f: (B, T, H), T a multiple of chunk_size; fields (B, H, ...)."""
+def gate_rows(i, f, *, chunk_size, input_gate, m0, scale, dtype=jnp.float32,
+              seg_start=None) -> gates.ChunkGates:
+    """ChunkGates of raw gates i, f: (B, T, H), T a multiple of chunk_size; fields (B, H, ...).
+    seg_start: None or (B, T) bool, True where a packed sequence starts."""
     B, T, H = i.shape
     L = chunk_size
     per_chunk = lambda x: jnp.swapaxes(x.astype(dtype), 1, 2).reshape(B, H, T // L, L)  # noqa: E731
     F = gates.log_forget_gate(per_chunk(f))
     logi = gates.log_input_gate(per_chunk(i), input_gate)
+    if seg_start is not None:
+        seg_start = jnp.broadcast_to(seg_start.reshape(B, 1, T // L, L), F.shape)
     return gates.chunk_gates(F, logi, m0.astype(dtype), exp_gate=input_gate == "exp",
-                             scale=scale)
+                             scale=scale, seg_start=seg_start)
+
+
+def pad_starts(seg_start, chunk_size: int):
+    """seg_start (B, T) padded like `pad_to_chunks` (no start in the padding); None stays None."""
+    if seg_start is None:
+        return None
+    return jnp.pad(seg_start, ((0, 0), (0, -seg_start.shape[1] % chunk_size)))
 
 
 def mlstm_chunkwise(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
-                    scale=None, eps=1e-6, chunk_size=64):
+                    scale=None, eps=1e-6, chunk_size=64, seg_start=None):
     """Chunkwise form. Shapes as `mlstm_recurrent`; returns h and the final MLSTMState."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -57,7 +68,8 @@ def mlstm_chunkwise(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_
 
     q, k, v, i, f = pad_to_chunks(q, k, v, i, f, L)
     NC = q.shape[1] // L
-    gt = gate_rows(i, f, chunk_size=L, input_gate=input_gate, m0=m0, scale=scale, dtype=cdt)
+    gt = gate_rows(i, f, chunk_size=L, input_gate=input_gate, m0=m0, scale=scale, dtype=cdt,
+                   seg_start=pad_starts(seg_start, L))
 
     def to_chunks(x):  # (B, NC*L, H, ...) -> (B, H, NC, L, ...)
         x = x.astype(cdt).reshape(B, NC, L, H, *x.shape[3:])

@@ -9,7 +9,7 @@ from tfla_jax.state import MLSTMState
 
 
 def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
-                   scale=None, eps=1e-6):
+                   scale=None, eps=1e-6, seg_start=None):
     """Quadratic form. Shapes as `mlstm_recurrent`; returns h and the final MLSTMState."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -27,13 +27,23 @@ def mlstm_parallel(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_s
     logi = gates.log_input_gate(jnp.swapaxes(i.astype(cdt), 1, 2), input_gate)
 
     causal = jnp.tril(jnp.ones((T, T), bool))
-    reset = F <= gates.RESET_LOG_F
+    start = jnp.zeros(F.shape, bool) if seg_start is None else jnp.broadcast_to(
+        seg_start[:, None, :], F.shape)
+    reset = (F <= gates.RESET_LOG_F) | start
     F_kill = jnp.where(reset, -jnp.inf, F)                          # nothing crosses a reset
     logD = jnp.where(causal, gates.segment_log_decay(F_kill) + logi[..., None, :], -jnp.inf)
     log_init = jnp.cumsum(F, axis=-1) + m0[..., None]               # [B, H, T]
     init_killed = jnp.cumsum(reset, axis=-1) > 0
+    # The stabiliser's base: m0 decayed by F (first sequence), or 0 decayed from the start of
+    # the position's sequence (the recurrence restarts at m = 0).
+    cs = jnp.cumsum(F, axis=-1)
+    t_idx = lax.broadcasted_iota(jnp.int32, F.shape, 2)
+    first = lax.cummax(jnp.where(start, t_idx, 0), axis=2)          # the sequence's first index
+    before = jnp.take_along_axis(cs - F, first, axis=-1)            # cumsum before it
+    log_base = jnp.where(lax.cummax(start.astype(jnp.int32), axis=2) > 0, cs - before,
+                         log_init)
     if input_gate == "exp":
-        m = lax.stop_gradient(jnp.maximum(log_init, jnp.max(logD, axis=-1)))
+        m = lax.stop_gradient(jnp.maximum(log_base, jnp.max(logD, axis=-1)))
     else:
         m = jnp.zeros_like(log_init)
     S = jnp.einsum("bhtk,bhsk->bhts", qh, kh) * jnp.exp(logD - m[..., None])

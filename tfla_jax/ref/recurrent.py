@@ -23,11 +23,12 @@ def zero_state(batch: int, heads: int, dk: int, dv: int, dtype=jnp.float32) -> M
 
 
 def mlstm_step_ref(q, k, v, i, f, state: MLSTMState, *, input_gate="exp", normalize=True,
-                   scale=None, eps=1e-6):
+                   scale=None, eps=1e-6, start=None):
     """One step of the recurrence.
 
     q, k: (B, H, K); v: (B, H, V); i, f: (B, H) raw gate pre-activations;
-    state: MLSTMState (c (B,H,K,V), n (B,H,K), m (B,H)).
+    state: MLSTMState (c (B,H,K,V), n (B,H,K), m (B,H)); start: None or (B,) bool, True where a
+    new sequence starts at this step (the state before it is zero).
     Returns h (B, H, V) in v's dtype and the new state (float32, float64 for float64 inputs).
     """
     cdt = gates.compute_dtype(q, k, v, i, f, *state)
@@ -36,6 +37,10 @@ def mlstm_step_ref(q, k, v, i, f, state: MLSTMState, *, input_gate="exp", normal
     q = q.astype(cdt) * scale
     k, v, i, f = (x.astype(cdt) for x in (k, v, i, f))
     c, n, m = (x.astype(cdt) for x in state)
+    if start is not None:
+        keep = jnp.logical_not(start)[:, None]                      # (B, 1)
+        c = jnp.where(keep[..., None, None], c, 0.0)
+        n, m = jnp.where(keep[..., None], n, 0.0), jnp.where(keep, m, 0.0)
     if input_gate != "exp":
         m = jnp.zeros_like(m)
     F = gates.log_forget_gate(f)
@@ -52,10 +57,11 @@ def mlstm_step_ref(q, k, v, i, f, state: MLSTMState, *, input_gate="exp", normal
 
 
 def mlstm_recurrent(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
-                    scale=None, eps=1e-6):
+                    scale=None, eps=1e-6, seg_start=None):
     """The mLSTM over a sequence with `lax.scan`.
 
-    q, k: (B, T, H, K); v: (B, T, H, V); i, f: (B, T, H).
+    q, k: (B, T, H, K); v: (B, T, H, V); i, f: (B, T, H); seg_start: None or (B, T) bool, True
+    where a new sequence starts (packed sequences: the state before it is zero).
     Returns h (B, T, H, V) in v's dtype and the final MLSTMState.
     """
     B, T, H, K = q.shape
@@ -66,10 +72,12 @@ def mlstm_recurrent(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_
     initial_state = MLSTMState(*(x.astype(cdt) for x in initial_state))
 
     def step(state, x):
+        *x, start = x
         h, state = mlstm_step_ref(*x, state, input_gate=input_gate, normalize=normalize,
-                                  scale=scale, eps=eps)
+                                  scale=scale, eps=eps, start=start)
         return state, h
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, i, f))
+    xs = (*xs, None if seg_start is None else jnp.moveaxis(seg_start, 1, 0))
     state, h = lax.scan(step, initial_state, xs)
     return jnp.moveaxis(h, 0, 1), state
