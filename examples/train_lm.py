@@ -54,7 +54,8 @@ RUNS_DIR = os.path.join("runs", "lm")  # default home of the runs, one directory
 # Flags whose change makes a resumed run a different run (checked against the checkpoint).
 RUN_DEFINING = ("data", "max_corpus_bytes", "val_fraction", "seq_len", "batch_size", "seed",
                 "preset", "embedding_dim", "num_blocks", "num_heads", "chunk_size", "dtype", "lr",
-                "min_lr_ratio", "warmup_steps", "weight_decay", "clip_norm", "b1", "b2")
+                "min_lr_ratio", "warmup_steps", "weight_decay", "clip_norm", "b1", "b2",
+                "no_document_resets")
 
 
 class UsageError(ValueError):
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1,
                    help="split each batch into this many sequential micro-batches")
     g.add_argument("--seed", type=int, default=0, help="parameter init, data order and sampling")
+    g.add_argument("--no-document-resets", action="store_true",
+                   help="read the packed documents of a window as one text (by default the "
+                        "mLSTM state restarts at every document: segment_ids)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=PRESETS, default="tiny",
                    help="xLSTMConfig preset: tiny (CPU), small / medium (GPU)")
@@ -280,10 +284,19 @@ def make_optimizer(args):
     return tx, schedule
 
 
-def loss_fn(graphdef, params, tokens):
-    """Mean next-byte cross-entropy (nats). tokens [b, T + 1] int32."""
+def document_ids(tokens):
+    """Segment ids of packed documents, [b, T] int32: an EOD byte ends a document and starts the
+    next one's context (the state restarts there; its target is the next document's first byte)."""
+    return jnp.cumsum(tokens == lm_data.EOD, axis=1, dtype=jnp.int32)
+
+
+def loss_fn(graphdef, params, tokens, document_resets=True):
+    """Mean next-byte cross-entropy (nats). tokens [b, T + 1] int32. With document_resets every
+    document in the window is read on its own (segment_ids); without, as one continuous text."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(tokens[:, :-1])  # [b, T, 256] float32
+    inputs = tokens[:, :-1]
+    ids = document_ids(inputs) if document_resets else None
+    logits, _ = model(inputs, segment_ids=ids)  # [b, T, 256] float32
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
@@ -304,7 +317,7 @@ def _average_grads(grads, dims, count: int):
 
 
 def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state_shardings,
-                    nan_at_step=-1):
+                    nan_at_step=-1, document_resets=True):
     """The jit-compiled step: (state, tokens [accum, micro, T + 1]) -> (state, metrics)."""
     num_devices = mesh.size
 
@@ -312,7 +325,8 @@ def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state
         params = _gather(params_shard, param_dims)
 
         def micro_batch(carry, toks):  # gradient accumulation: one micro-batch per scan step
-            loss, grads = jax.value_and_grad(functools.partial(loss_fn, graphdef))(params, toks)
+            loss, grads = jax.value_and_grad(functools.partial(
+                loss_fn, graphdef, document_resets=document_resets))(params, toks)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -341,10 +355,10 @@ def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state
     return train_step
 
 
-def make_eval_step(graphdef, mesh, param_dims, param_specs):
+def make_eval_step(graphdef, mesh, param_dims, param_specs, document_resets=True):
     """The jit-compiled validation loss (nats per byte) of one batch [b, T + 1]."""
     def local_loss(params_shard, tokens):
-        loss = loss_fn(graphdef, _gather(params_shard, param_dims), tokens)
+        loss = loss_fn(graphdef, _gather(params_shard, param_dims), tokens, document_resets)
         return lax.pmean(loss, BATCH_AXES)
 
     return jax.jit(jax.shard_map(local_loss, mesh=mesh, in_specs=(param_specs, P(BATCH_AXES)),
@@ -658,9 +672,12 @@ def main(argv=None) -> dict:
         state = run.init_state()
     metrics = Metrics(os.path.join(out, "metrics.jsonl"), start_step if args.resume else None)
 
+    resets = not args.no_document_resets
     train_step = make_train_step(run.graphdef, run.tx, run.schedule, run.mesh, run.param_dims,
-                                 run.param_specs, run.state_shardings, args.nan_at_step)
-    eval_step = make_eval_step(run.graphdef, run.mesh, run.param_dims, run.param_specs)
+                                 run.param_specs, run.state_shardings, args.nan_at_step,
+                                 document_resets=resets)
+    eval_step = make_eval_step(run.graphdef, run.mesh, run.param_dims, run.param_specs,
+                               document_resets=resets)
     val_batches = [jax.device_put(w, NamedSharding(run.mesh, P(BATCH_AXES)))
                    for w in run.val_windows]
     first_batch = None

@@ -210,3 +210,36 @@ def test_data_split_and_iterator_position_are_deterministic():
     for want in expected:
         np.testing.assert_array_equal(next(again), want)
     assert expected[0].shape == (100, 17) and expected[0].dtype == np.int32
+
+
+def test_document_resets_read_each_document_alone():
+    """With document resets (the default) the loss of a packed window is that of its documents
+    read one by one (EOD starts the next one's context); --no-document-resets reads on."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from tfla_jax.layers import xLSTMConfig, xLSTMLM
+
+    cfg = xLSTMConfig.tiny(vocab_size=256, mlstm_implementation="recurrent")
+    model = xLSTMLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    window = rng.integers(1, 256, size=(2, 21)).astype(np.int32)
+    window[0, [4, 5, 12]] = lm_data.EOD                         # length-1 document included
+    window[1, 9] = lm_data.EOD
+    tokens = jnp.asarray(window)
+    inputs = window[:, :-1]
+    parts = []
+    for b in range(2):
+        starts = [0, *np.flatnonzero(inputs[b] == lm_data.EOD), inputs.shape[1]]
+        starts = sorted(set(starts))
+        parts.append(jnp.concatenate([model(jnp.asarray(inputs[b:b + 1, lo:hi]))[0]
+                                      for lo, hi in zip(starts[:-1], starts[1:])], axis=1))
+    want = optax.softmax_cross_entropy_with_integer_labels(
+        jnp.concatenate(parts, 0), tokens[:, 1:]).mean()
+    got = train_lm.loss_fn(graphdef, params, tokens)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    continuous = train_lm.loss_fn(graphdef, params, tokens, document_resets=False)
+    np.testing.assert_allclose(float(continuous), float(optax.softmax_cross_entropy_with_integer_labels(
+        model(tokens[:, :-1])[0], tokens[:, 1:]).mean()), rtol=1e-5)
+    assert abs(float(continuous) - float(got)) > 1e-6
