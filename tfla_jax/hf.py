@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors returns bf16 tensors)
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from tfla_jax.layers import xLSTMConfig, xLSTMLM
 
@@ -92,8 +92,24 @@ def hf_state_dict(model: xLSTMLM) -> dict[str, np.ndarray]:
     return out
 
 
-def _load(model: xLSTMLM, names, shape_of: Callable[[str], tuple], read: Callable[[str], np.ndarray]):
-    """Checks names and shapes against the model, then assigns every parameter."""
+def _is_float(dtype) -> bool:
+    """A floating dtype: a numpy one, or a safetensors code (F16, BF16, F32, F64, F8_*)."""
+    if isinstance(dtype, str) and dtype.isupper():
+        return dtype == "BF16" or dtype.startswith("F")
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _check_finite(value, name: str, origin: str):
+    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    if bad:
+        raise ValueError(f"{origin}: key {name!r} holds {bad} non-finite value(s) (NaN or inf); "
+                         f"pass allow_nonfinite=True to load it anyway")
+
+
+def _check(model: xLSTMLM, names, shape_of: Callable[[str], tuple],
+           dtype_of: Callable[[str], object], *, label: str, origin: Callable[[str], str]):
+    """Checks names, shapes and dtypes against the model. Errors about the key set start with
+    `label`, those about one tensor with `origin(name)`."""
     slots = list(_param_slots(model))
     expected = {name: _hf_shape(var, idx is not None, transpose) for name, var, idx, transpose in slots}
     linear = {name for name, _, _, transpose in slots if transpose}
@@ -101,18 +117,27 @@ def _load(model: xLSTMLM, names, shape_of: Callable[[str], tuple], read: Callabl
     missing = [n for n in expected if n not in names]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"checkpoint: missing key {missing[0]!r}{more}; expected "
+        raise ValueError(f"{label}: missing key {missing[0]!r}{more}; expected "
                          f"{len(expected)} parameters for {model.config.num_blocks} blocks")
     extra = sorted(n for n in names if n not in expected)
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise ValueError(f"checkpoint: unexpected key {extra[0]!r}{more}; it has no parameter in "
+        raise ValueError(f"{label}: unexpected key {extra[0]!r}{more}; it has no parameter in "
                          f"xLSTMLM (wrong num_blocks, or a variant this model does not implement?)")
     for name, shape in expected.items():
         got = tuple(shape_of(name))
         if got != shape:
-            raise ValueError(f"checkpoint: key {name!r} has shape {got}, expected {shape}"
+            raise ValueError(f"{origin(name)}: key {name!r} has shape {got}, expected {shape}"
                              f"{' (torch Linear layout (out, in))' if name in linear else ''}")
+        dtype = dtype_of(name)
+        if not _is_float(dtype):
+            raise ValueError(f"{origin(name)}: key {name!r} has dtype {dtype}, expected a floating "
+                             f"dtype (parameters are not cast from integers or booleans)")
+
+
+def _assign(model: xLSTMLM, read: Callable[[str], np.ndarray]) -> xLSTMLM:
+    """Assigns every parameter from `read(hf_name)` (checked by `_check` before)."""
+    slots = list(_param_slots(model))
     # One variable at a time (a stacked one gathers its num_blocks slices into one buffer), so that
     # host memory peaks at one parameter, not the whole checkpoint.
     groups: dict[int, tuple] = {}
@@ -134,14 +159,27 @@ def _load(model: xLSTMLM, names, shape_of: Callable[[str], tuple], read: Callabl
     return model
 
 
-def load_hf_state_dict(model: xLSTMLM, tensors: Mapping[str, np.ndarray]) -> xLSTMLM:
+def load_hf_state_dict(model: xLSTMLM, tensors: Mapping[str, np.ndarray], *,
+                       allow_nonfinite: bool = False) -> xLSTMLM:
     """Assigns Hugging Face-named tensors (e.g. `safetensors.numpy.load_file(...)`) to `model`'s
-    parameters in place (either block layout) and returns it. A missing, extra or mis-shaped key
-    is a ValueError naming the key."""
-    return _load(model, tensors.keys(), lambda n: np.shape(tensors[n]), lambda n: tensors[n])
+    parameters in place (either block layout) and returns it. A missing, extra, mis-shaped or
+    non-float key, or (unless `allow_nonfinite`) one holding NaN / inf, is a ValueError naming the
+    key; the model is left untouched then."""
+    origin = "load_hf_state_dict"
+    _check(model, tensors.keys(), lambda n: np.shape(tensors[n]),
+           lambda n: np.asarray(tensors[n]).dtype, label=origin, origin=lambda n: origin)
+    if not allow_nonfinite:   # before assigning anything
+        for name in tensors:
+            _check_finite(np.asarray(tensors[name]), name, origin)
+    return _assign(model, lambda n: tensors[n])
 
 
-def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides) -> xLSTMLM:
+def _safetensors_error(path: str, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}")
+
+
+def load_hf_checkpoint(directory: str | os.PathLike, *, allow_nonfinite: bool = False,
+                       **config_overrides) -> xLSTMLM:
     """Loads a Hugging Face xLSTM checkpoint directory (e.g. a download of NX-AI/xLSTM-7b).
 
     Reads `config.json` and every `*.safetensors` shard (safetensors' numpy side, one tensor at a
@@ -149,37 +187,61 @@ def load_hf_checkpoint(directory: str | os.PathLike, **config_overrides) -> xLST
 
     Args:
       directory: holds config.json and the *.safetensors shard(s).
+      allow_nonfinite: load tensors holding NaN / inf instead of refusing them.
       **config_overrides: xLSTMConfig fields to set, typically the JAX options: dtype,
-        param_dtype, mlstm_implementation, chunk_size, remat, scan_blocks.
+        param_dtype, mlstm_implementation, chunk_size, remat, scan_blocks (or an architecture
+        field that config.json lacks).
     Returns:
       the xLSTMLM, parameters in config.param_dtype.
     Raises:
-      FileNotFoundError without config.json or shards; ValueError for an unsupported config, a
-      key found in two shards, or a missing / unexpected / mis-shaped key (named).
+      FileNotFoundError without config.json or shards; ValueError, naming the file, for invalid
+      JSON, an unsupported, incomplete or self-contradictory config (see
+      `xLSTMConfig.from_hf_config`; unknown fields only warn), an unreadable (truncated) shard, a
+      key found in two shards, or a missing / unexpected / mis-shaped / non-float / non-finite
+      tensor (named).
     """
     directory = os.fspath(directory)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"load_hf_checkpoint: no config.json in {directory!r}")
-    with open(config_path) as fh:
-        config = xLSTMConfig.from_hf_config(json.load(fh), **config_overrides)
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            hf_config = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON: {e}") from e
+    config = xLSTMConfig.from_hf_config(hf_config, source=config_path, **config_overrides)
     shards = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not shards:
         raise FileNotFoundError(f"load_hf_checkpoint: no *.safetensors files in {directory!r}")
     where: dict[str, str] = {}
     shapes: dict[str, tuple] = {}
+    dtypes: dict[str, str] = {}
     for shard in shards:
-        with safe_open(shard, framework="np") as f:
-            for name in f.keys():
-                if name in where:
-                    raise ValueError(f"checkpoint: key {name!r} is in two shards: "
-                                     f"{os.path.basename(where[name])} and {os.path.basename(shard)}")
-                where[name] = shard
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        try:
+            with safe_open(shard, framework="np") as f:
+                for name in f.keys():
+                    if name in where:
+                        raise ValueError(f"{directory}: key {name!r} is in two shards: "
+                                         f"{os.path.basename(where[name])} and "
+                                         f"{os.path.basename(shard)}")
+                    where[name] = shard
+                    tensor = f.get_slice(name)
+                    shapes[name] = tuple(tensor.get_shape())
+                    dtypes[name] = tensor.get_dtype()
+        except SafetensorError as e:
+            raise _safetensors_error(shard, e) from e
 
     def read(name):
-        with safe_open(where[name], framework="np") as f:
-            return f.get_tensor(name)
+        try:
+            with safe_open(where[name], framework="np") as f:
+                value = f.get_tensor(name)
+        except SafetensorError as e:
+            raise _safetensors_error(where[name], e) from e
+        if not allow_nonfinite:
+            _check_finite(value, name, where[name])
+        return value
 
     model = nnx.eval_shape(lambda: xLSTMLM(config, rngs=nnx.Rngs(0)))
-    return _load(model, where.keys(), shapes.__getitem__, read)
+    _check(model, where.keys(), shapes.__getitem__, dtypes.__getitem__, label=directory,
+           origin=where.__getitem__)
+    return _assign(model, read)

@@ -209,42 +209,104 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
                   "v_dim_factor", "mlstm_round_up_to_multiple_of", "ffn_proj_factor",
                   "ffn_round_up_to_multiple_of", "gate_soft_cap", "output_logit_soft_cap",
                   "igate_bias_init_range", "norm_eps", "cell_norm_eps", "eps")
-
-    @classmethod
-    def from_hf_config(cls, hf: dict, **overrides) -> xLSTMConfig:
-        """Builds a config from a Hugging Face xLSTM `config.json` dict (plus JAX-side overrides).
-
-        Reads the architecture fields (`embedding_dim`/`hidden_size`, `num_blocks`/
-        `num_hidden_layers` both accepted); kernel and tokenizer fields are ignored. Raises a
-        ValueError naming the field for a variant this module does not implement (biases, tied
-        embeddings, no output norm, qk norm, post norm, fused weights).
-        """
-        hf = dict(hf)
-        aliases = {"embedding_dim": "hidden_size", "num_blocks": "num_hidden_layers"}
-        kw = {}
-        for name in cls._HF_FIELDS:
-            if name in hf and hf[name] is not None:
-                kw[name] = hf[name]
-            elif name in aliases and hf.get(aliases[name]) is not None:
-                kw[name] = hf[aliases[name]]
-        for name in ("vocab_size", "embedding_dim", "num_heads", "num_blocks"):
-            if name not in kw:
-                raise ValueError(f"config.json: missing required field {name!r}")
-        unsupported = {"use_bias": False, "tie_word_embeddings": False, "add_out_norm": True,
+    # The fields that fix parameter shapes: a config.json must state them (or the caller pass them),
+    # a default would only surface later as a shape error, or not at all.
+    _HF_REQUIRED = ("vocab_size", "embedding_dim", "num_heads", "num_blocks", "qk_dim_factor",
+                    "v_dim_factor", "mlstm_round_up_to_multiple_of", "ffn_proj_factor",
+                    "ffn_round_up_to_multiple_of")
+    _HF_NULLABLE = ("gate_soft_cap", "output_logit_soft_cap")   # null: no cap
+    _HF_ALIASES = {"embedding_dim": "hidden_size", "num_blocks": "num_hidden_layers"}
+    # Variants this module does not implement: field -> the only supported value.
+    _HF_UNSUPPORTED = {"use_bias": False, "tie_word_embeddings": False, "add_out_norm": True,
                        "add_post_blocks_norm": True, "add_qk_norm": False, "add_post_norm": False,
                        "weight_mode": "single"}
-        for name, want in unsupported.items():
+    # Read elsewhere (head_dim, checked) or ignored on purpose: kernel / backend / runtime options of
+    # transformers' and the xlstm package's configs, tokenizer ids and PretrainedConfig bookkeeping.
+    _HF_IGNORED = frozenset((
+        "head_dim", "model_type", "architectures", "transformers_version", "torch_dtype", "dtype",
+        "_name_or_path", "auto_map", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+        "sep_token_id", "decoder_start_token_id", "tokenizer_class", "chunkwise_kernel",
+        "sequence_kernel", "step_kernel", "mode", "chunk_size", "return_last_states",
+        "autocast_kernel_dtype", "inference_state_dtype", "norm_reduction_force_float32",
+        "max_inference_chunksize", "add_embedding_dropout", "embedding_dropout",
+        "add_forward_backend_padding", "force_bos_token_insert", "forward_backend_name",
+        "step_backend_name", "init_distribution", "init_distribution_embed", "output_init_fn",
+        "lm_head_dtype", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+        "use_bfloat16", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+        "tie_encoder_decoder", "id2label", "label2id", "problem_type", "finetuning_task",
+        "pruned_heads", "chunk_size_feed_forward", "tf_legacy_loss", "task_specific_params",
+        "prefix", "cross_attention_hidden_size", "max_length", "min_length"))
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, *, source: str = "config.json", **overrides) -> xLSTMConfig:
+        """Builds a config from a Hugging Face xLSTM `config.json` dict (plus JAX-side overrides).
+
+        Every error names `source` (the file) and the field. Reads the architecture fields
+        (`embedding_dim`/`hidden_size`, `num_blocks`/`num_hidden_layers` both accepted, a null alias
+        counts as absent, two that disagree are an error). The shape fields (`_HF_REQUIRED`) must be
+        present (in `hf` or `overrides`); a missing optional field takes its default (those of
+        transformers' xLSTMConfig); an explicit null is None for the soft caps (no cap) and an error
+        elsewhere. Kernel and tokenizer fields are ignored; other unknown fields (typos) warn.
+        Raises a ValueError for a variant this module does not implement (biases, tied embeddings,
+        no output norm, qk norm, post norm, fused weights).
+        """
+        import warnings
+        from collections.abc import Mapping
+
+        if not isinstance(hf, Mapping):
+            raise ValueError(f"{source}: expected a JSON object of config fields, got "
+                             f"{type(hf).__name__}")
+        hf = dict(hf)
+        kw = {}
+        for name in cls._HF_FIELDS:
+            alias = cls._HF_ALIASES.get(name)
+            if alias is not None:
+                given = {k: hf[k] for k in (name, alias) if hf.get(k) is not None}
+                if len(given) == 2 and given[name] != given[alias]:
+                    raise ValueError(f"{source}: {name}={given[name]!r} and {alias}="
+                                     f"{given[alias]!r} disagree (they are the same field)")
+                if given:
+                    kw[name] = next(iter(given.values()))
+                continue
+            if name not in hf:
+                continue
+            value = hf[name]
+            if value is None and name not in cls._HF_NULLABLE:
+                raise ValueError(f"{source}: {name} is null; expected a number (only "
+                                 f"{' and '.join(cls._HF_NULLABLE)} may be null)")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{source}: {name}={value!r} is not a number")
+            kw[name] = value
+        missing = [n for n in cls._HF_REQUIRED if n not in kw and n not in overrides]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {', '.join(map(repr, missing))} "
+                             f"(they fix the parameter shapes; pass them as overrides if the file "
+                             f"lacks them, e.g. mlstm_round_up_to_multiple_of=64 for transformers' "
+                             f"xLSTM)")
+        for cap in cls._HF_NULLABLE:
+            if kw.get(cap) is not None and not kw[cap] > 0:
+                raise ValueError(f"{source}: {cap}={kw[cap]!r}: expected a positive number or null")
+        known = set(cls._HF_FIELDS) | set(cls._HF_ALIASES.values()) | set(cls._HF_UNSUPPORTED)
+        unknown = sorted(k for k in hf if k not in known and k not in cls._HF_IGNORED)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown config field(s) "
+                          f"{', '.join(map(repr, unknown))}", stacklevel=2)
+        for name, want in cls._HF_UNSUPPORTED.items():
             if name in hf and hf[name] != want:
-                raise ValueError(f"config.json: {name}={hf[name]!r} is not supported "
+                raise ValueError(f"{source}: {name}={hf[name]!r} is not supported "
                                  f"(tfla_jax.layers implements {name}={want!r})")
-        config = cls(**{**kw, **overrides})
+        try:
+            config = cls(**{**kw, **overrides})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
         if hf.get("head_dim") not in (None, config.v_head_dim):
-            raise ValueError(f"config.json: head_dim={hf['head_dim']} disagrees with the derived "
+            raise ValueError(f"{source}: head_dim={hf['head_dim']} disagrees with the derived "
                              f"v head dim {config.v_head_dim}")
         return config
 
     def to_hf_config(self) -> dict:
-        """The Hugging Face `config.json` fields of this architecture."""
+        """The Hugging Face `config.json` fields of this architecture (every one written, a disabled
+        soft cap as null), so that `from_hf_config(to_hf_config())` gives the architecture back."""
         hf = {name: getattr(self, name) for name in self._HF_FIELDS}
         hf.update(model_type="xlstm", architectures=["xLSTMForCausalLM"], use_bias=False,
                   tie_word_embeddings=False, add_out_norm=True, weight_mode="single",
