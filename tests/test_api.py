@@ -64,11 +64,29 @@ def test_bad_arrays_name_the_argument(inputs):
     (dict(scale=0.0), "scale"),
     (dict(scale=-1.0), "scale"),
     (dict(interpret="yes"), "interpret"),
+    (dict(eps=True), "eps"),                      # bools are not numbers here
+    (dict(scale=np.bool_(True)), "scale"),
+    (dict(scale=np.float32("nan")), "scale"),
+    (dict(chunk_size=True), "chunk_size"),
+    (dict(chunk_size=np.float64(16)), "chunk_size"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_options_name_the_argument(inputs, kwargs, name):
     q, k, v, i, f, _ = inputs
     with pytest.raises(ValueError, match=name):
         mlstm(q, k, v, i, f, **kwargs)
+
+
+def test_numpy_and_jax_scalars_are_accepted(inputs):
+    """eps, scale and chunk_size may be NumPy (or concrete 0-d JAX) scalars: same result."""
+    q, k, v, i, f, s = inputs
+    want, _ = mlstm(q, k, v, i, f, eps=1e-3, scale=0.25, chunk_size=4)
+    got, _ = mlstm(q, k, v, i, f, eps=np.float32(1e-3), scale=jnp.float32(0.25),
+                   chunk_size=np.int64(4))
+    assert_close(got, want, 1e-6, "numpy scalars")
+    args = (q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], s)
+    want, _ = mlstm_step(*args, eps=float(np.float32(1e-3)), scale=0.25)
+    got, _ = mlstm_step(*args, eps=np.float32(1e-3), scale=np.float64(0.25))
+    assert_close(got, want, 0.0, "numpy scalars, step")
 
 
 def test_bad_state_names_the_argument(inputs):

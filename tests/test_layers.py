@@ -199,6 +199,37 @@ def test_config_7b_dims_and_hf_config():
         cfg.num_blocks = 2
 
 
+@pytest.mark.parametrize("field,bad", [
+    ("norm_eps", -1.0), ("norm_eps", 0.0), ("cell_norm_eps", float("nan")), ("eps", -1.0),
+    ("eps", float("inf")), ("output_logit_soft_cap", float("nan")), ("gate_soft_cap", 0.0),
+    ("gate_soft_cap", float("inf")), ("igate_bias_init_range", float("nan")),
+    ("v_dim_factor", 1e-9), ("qk_dim_factor", 1e-9), ("ffn_proj_factor", 1e-9),
+    ("ffn_proj_factor", float("inf")), ("qk_dim_factor", 1e308), ("v_dim_factor", "1"),
+    ("remat", "yes"), ("scan_blocks", 1), ("interpret", None), ("vocab_size", True),
+    ("embedding_dim", 64.0), ("num_heads", 0), ("chunk_size", np.float32(16)),
+    ("mlstm_implementation", ["chunkwise"]),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_config_bad_fields_are_named(field, bad):
+    """Every field is checked at construction; the error names it (values that would give NaN,
+    zero-width heads or a crash while building the model)."""
+    with pytest.raises(ValueError, match=rf"xLSTMConfig\.{field}"):
+        xLSTMConfig.tiny(**{field: bad})
+
+
+def test_config_accepts_numpy_scalars_and_null_caps():
+    cfg = xLSTMConfig.tiny(eps=np.float32(1e-6), norm_eps=np.float64(1e-5), embedding_dim=np.int64(64),
+                           chunk_size=np.int64(8), qk_dim_factor=np.float32(0.5),
+                           remat=np.bool_(True), output_logit_soft_cap=None)
+    assert cfg == xLSTMConfig.tiny(eps=float(np.float32(1e-6)), norm_eps=1e-5, chunk_size=8,
+                                   remat=True, output_logit_soft_cap=None)
+    assert type(cfg.embedding_dim) is int and type(cfg.eps) is float and type(cfg.remat) is bool
+    json.dumps(cfg.to_hf_config())                   # plain Python numbers
+    # A null cap in config.json is no cap (HF's soft_cap(x, None) is the identity), not the default.
+    hf = {**cfg.to_hf_config(), "gate_soft_cap": None}
+    assert xLSTMConfig.from_hf_config(hf).gate_soft_cap is None
+    assert xLSTMConfig.from_hf_config(hf).output_logit_soft_cap is None
+
+
 @pytest.mark.parametrize("scan_blocks", [False, True], ids=["list", "scan"])
 def test_7b_parameter_count_via_eval_shape(scan_blocks):
     # d = 4096, V = 50304, H = 8, qk = d/2 = 2048, v = d = 4096, ffn = 10944, 32 blocks.
@@ -539,6 +570,62 @@ def test_generate_greedy_and_sampling(tensors):
             generate(model, prompt, n, **bad)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompt, 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, True)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, prompt, n, temperature=float("nan"), rng=key)
+    # NumPy scalars are numbers too (and hit the same compiled program).
+    np.testing.assert_array_equal(
+        generate(model, np.asarray(prompt).tolist(), np.int64(n), temperature=np.float32(1.5),
+                 top_k=np.int64(3), rng=key), sampled)
+
+
+def test_token_ids_are_checked():
+    """Concrete ids outside [0, vocab_size) are named (eagerly they would give NaN logits, -1
+    would read the last row); under jit the documented behaviour: NaN from that position on."""
+    model = xLSTMLM(FAST, rngs=nnx.Rngs(0))
+    vocab = FAST.vocab_size
+    for bad in (vocab, -1, 10 * vocab):
+        tokens = tokens_for(FAST).at[1, 5].set(bad)
+        with pytest.raises(ValueError, match=rf"tokens: ids must be in \[0, vocab_size\).*got {bad}"):
+            model(tokens)
+        with pytest.raises(ValueError, match=rf"tokens: .*got {bad}"):
+            model.step(tokens[:, 5], None)
+        with pytest.raises(ValueError, match=rf"prompt: ids must be in \[0, vocab_size\).*got {bad}"):
+            generate(model, tokens[:, :7], 2)
+    with pytest.raises(ValueError, match=r"tokens: .*T >= 1"):
+        model(jnp.zeros((B, 0), jnp.int32))
+    with pytest.raises(ValueError, match="tokens"):
+        model([[1, 2], [3]])                         # ragged
+    with pytest.raises(ValueError, match="tokens"):
+        model(jnp.zeros((B, 3)))                     # float ids
+    # Under jit nothing can be checked: out-of-range ids embed as NaN (jnp.take's fill mode).
+    tokens = tokens_for(FAST).at[1, 5].set(vocab)
+    logits = np.asarray(forward(model, tokens)[0])
+    assert np.isnan(logits[1, 5:]).all() and np.isfinite(logits[1, :5]).all()
+    assert np.isfinite(logits[0]).all()
+
+
+def test_tokens_as_nested_lists(tensors):
+    model = model_from_tensors(FAST, tensors)
+    tokens = tokens_for(FAST, (1, 4))
+    want, _ = model(tokens)
+    got, _ = model(np.asarray(tokens).tolist())
+    assert_close(got, want, 0.0, "nested-list tokens")
+
+
+def test_pallas_model_runs_interpreted_on_cpu():
+    """config.interpret reaches tfla_jax.mlstm: a kernel-backend model runs on a CPU (one small
+    block: the interpreter is slow)."""
+    cfg = xLSTMConfig.tiny(vocab_size=32, embedding_dim=32, num_heads=1, num_blocks=1,
+                           chunk_size=None, mlstm_implementation="pallas_triton", interpret=True)
+    tokens = tokens_for(cfg, (1, 8))
+    got, _ = xLSTMLM(cfg, rngs=nnx.Rngs(0))(tokens)
+    ref_cfg = dataclasses.replace(cfg, mlstm_implementation="recurrent", interpret=False)
+    want, _ = xLSTMLM(ref_cfg, rngs=nnx.Rngs(0))(tokens)
+    assert_close(got, want, 1e-5, "pallas_triton interpreted")
+    with pytest.raises(ValueError, match="xLSTMConfig.interpret"):
+        dataclasses.replace(cfg, interpret="yes")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ and the one `jax.custom_vjp` every kernel backend runs under (docs/backends.md).
 
 import functools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
@@ -46,7 +48,24 @@ def _check_float(name, x):
                          "bfloat16, float16, float32, float64")
 
 
+def _real_scalar(x, integer=False):
+    """x as a Python float (int if `integer`) when it is a real scalar: a Python or NumPy number
+    or a concrete 0-d array (bools excluded; `integer` also excludes floats); else None."""
+    if isinstance(x, (bool, np.bool_)) or isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, numbers.Real):
+        if integer and not isinstance(x, numbers.Integral):
+            return None
+        return int(x) if integer else float(x)
+    if hasattr(x, "shape") and hasattr(x, "dtype") and tuple(x.shape) == ():
+        dt = np.dtype(x.dtype)
+        if np.issubdtype(dt, np.integer) or (not integer and np.issubdtype(dt, np.floating)):
+            return int(x) if integer else float(x)
+    return None
+
+
 def _check_options(input_gate, normalize, scale, eps):
+    """Checks the cell options; returns (scale, eps) as Python floats (scale may stay None)."""
     if input_gate not in INPUT_GATES:
         raise ValueError(f"input_gate: expected one of {INPUT_GATES}, got {input_gate!r}")
     if not isinstance(normalize, bool):
@@ -54,11 +73,15 @@ def _check_options(input_gate, normalize, scale, eps):
     if input_gate == "exp" and not normalize:
         raise ValueError("normalize: normalize=False needs input_gate='sigmoid'; the exponential "
                          "input gate's output is only defined with the normaliser")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                  and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite Python float > 0 or None, got {scale!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    if scale is not None:
+        value = _real_scalar(scale)
+        if value is None or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"scale: expected a finite real number > 0 or None, got {scale!r}")
+        scale = value
+    value = _real_scalar(eps)
+    if value is None or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"eps: expected a finite real number >= 0, got {eps!r}")
+    return scale, value
 
 
 def _check_state(name, state, B, H, K, V):
@@ -118,11 +141,13 @@ def _segment_starts(segment_ids, B, T):
 
 
 def _check_chunk_size(chunk_size):
+    """Checks a chunk size; returns it as a Python int (or None)."""
     if chunk_size is None:
-        return
-    if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-            or chunk_size & (chunk_size - 1)):
+        return None
+    value = _real_scalar(chunk_size, integer=True)
+    if value is None or value < 1 or value & (value - 1):
         raise ValueError(f"chunk_size: expected a power-of-two int >= 1 or None, got {chunk_size!r}")
+    return value
 
 
 def _next_pow2(n: int) -> int:
@@ -357,8 +382,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
     h_t = C_t^T q^_t / (max(|n_t . q^_t|, 1) + eps e^{m_t}) in unstabilised units, q^ = scale q.
     """
     B, T, H, K, V = _check_qkvif(q, k, v, i, f, time_axis=True)
-    _check_options(input_gate, normalize, scale, eps)
-    _check_chunk_size(chunk_size)
+    scale, eps = _check_options(input_gate, normalize, scale, eps)
+    chunk_size = _check_chunk_size(chunk_size)
     if initial_state is not None:
         _check_state("initial_state", initial_state, B, H, K, V)
     seg_start = _segment_starts(segment_ids, B, T)
@@ -404,7 +429,7 @@ def mlstm_step(q, k, v, i, f, state=None, *, input_gate="exp", normalize=True, s
     Returns (h (B, H, V) in v's dtype, new MLSTMState in float32). Equals `mlstm` at T = 1.
     """
     B, _, H, K, V = _check_qkvif(q, k, v, i, f, time_axis=False)
-    _check_options(input_gate, normalize, scale, eps)
+    scale, eps = _check_options(input_gate, normalize, scale, eps)
     if state is None:
         state = ref.zero_state(B, H, K, V, gates.compute_dtype(q, k, v, i, f))
     _check_state("state", state, B, H, K, V)

@@ -80,6 +80,9 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
       mlstm_implementation: `tfla_jax.mlstm`'s implementation for sequences (None: the fastest
         available: "pallas" on GPU, "chunkwise" elsewhere); chunk_size: its chunk size (None: its
         default).
+      interpret: run the kernel backends in Pallas interpret mode (`tfla_jax.mlstm`'s
+        interpret=True: a "pallas" model on a CPU, for testing; slow). With mlstm_implementation
+        None it makes the kernels the choice on a CPU too.
       remat: rematerialise each block in the backward pass (activation memory O(one block)).
       scan_blocks: keep the blocks' parameters stacked (leading axis num_blocks) and run them with
         `nnx.scan` (compile time independent of depth); otherwise an `nnx.List` of blocks.
@@ -107,17 +110,41 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
     chunk_size: int | None = None
     remat: bool = False
     scan_blocks: bool = False
+    interpret: bool = False
 
     def __post_init__(self):
+        """Checks every field, then the derived dims; numbers are stored as Python int/float."""
+        def field(name, value):
+            object.__setattr__(self, name, value)
+
+        def real(name, *, lo=None, lo_open=False, optional=False):
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            x = api._real_scalar(value)
+            ok = x is not None and math.isfinite(x) and (
+                lo is None or (x > lo if lo_open else x >= lo))
+            if not ok:
+                bound = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
+                raise ValueError(f"xLSTMConfig.{name}: expected a finite number{bound}"
+                                 f"{' or None' if optional else ''}, got {value!r}")
+            field(name, x)
+
         for name in ("vocab_size", "embedding_dim", "num_heads", "num_blocks",
                      "mlstm_round_up_to_multiple_of", "ffn_round_up_to_multiple_of"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"xLSTMConfig.{name}: expected a positive int, got {value!r}")
+            value = api._real_scalar(getattr(self, name), integer=True)
+            if value is None or value < 1:
+                raise ValueError(f"xLSTMConfig.{name}: expected an int >= 1, got "
+                                 f"{getattr(self, name)!r}")
+            field(name, value)
         for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"xLSTMConfig.{name}: expected a positive float, got {value!r}")
+            real(name, lo=0, lo_open=True)
+        for name in ("gate_soft_cap", "output_logit_soft_cap"):
+            real(name, lo=0, lo_open=True, optional=True)     # None: no cap
+        real("igate_bias_init_range")
+        for name in ("norm_eps", "cell_norm_eps"):
+            real(name, lo=0, lo_open=True)                    # 0 would divide by 0 on a zero row
+        real("eps", lo=0)
         for name in ("dtype", "param_dtype"):
             try:
                 dt = jnp.dtype(getattr(self, name))
@@ -125,15 +152,36 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
                 raise ValueError(f"xLSTMConfig.{name}: not a dtype: {getattr(self, name)!r}") from e
             if dt not in _FLOAT_DTYPES:
                 raise ValueError(f"xLSTMConfig.{name}: expected a float dtype, got {dt}")
-            object.__setattr__(self, name, dt)
-        for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
-            if dim % self.num_heads:
+            field(name, dt)
+        impl = self.mlstm_implementation
+        if impl is not None and (not isinstance(impl, str) or impl not in api.implementations()):
+            raise ValueError(f"xLSTMConfig.mlstm_implementation: expected None or one of "
+                             f"{api.implementations()}, got {impl!r}")
+        try:
+            field("chunk_size", api._check_chunk_size(self.chunk_size))
+        except ValueError as e:
+            raise ValueError(f"xLSTMConfig.{e}") from None
+        for name in ("remat", "scan_blocks", "interpret"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"xLSTMConfig.{name}: expected a bool, got {value!r}")
+            field(name, bool(value))
+        # Derived dims: each at least 1 per head, q/k and v widths split evenly into heads.
+        for name, factor, multiple, per_head in (
+                ("qk_dim", "qk_dim_factor", "mlstm_round_up_to_multiple_of", self.num_heads),
+                ("v_dim", "v_dim_factor", "mlstm_round_up_to_multiple_of", self.num_heads),
+                ("ffn_hidden_dim", "ffn_proj_factor", "ffn_round_up_to_multiple_of", 1)):
+            width = self.embedding_dim * getattr(self, factor)
+            dim = _round_up(width, getattr(self, multiple)) if math.isfinite(width) else 0
+            if dim < per_head:
+                shown = dim if math.isfinite(width) else "inf"
+                raise ValueError(f"xLSTMConfig.{factor}: {getattr(self, factor)!r} gives {name} = "
+                                 f"round_up(embedding_dim * {factor}, {multiple}) = {shown}; "
+                                 f"expected a finite {name} >= {per_head} (every derived dim, "
+                                 f"per head, >= 1)")
+            if per_head > 1 and dim % per_head:
                 raise ValueError(f"xLSTMConfig: {name} = {dim} is not divisible by num_heads = "
                                  f"{self.num_heads}")
-        if self.mlstm_implementation not in (None, *api.implementations()):
-            raise ValueError(f"xLSTMConfig.mlstm_implementation: expected None or one of "
-                             f"{api.implementations()}, got {self.mlstm_implementation!r}")
-        api._check_chunk_size(self.chunk_size)
 
     # Derived dims.
     @property
@@ -341,6 +389,31 @@ def _linspace_init(start: float, stop: float):
 # --------------------------------------------------------------------------------------------
 
 
+def _as_token_array(tokens, layout):
+    """An array-like of ids (a list, a NumPy array) as a JAX array; ValueError naming `tokens`."""
+    if isinstance(tokens, jax.Array):
+        return tokens
+    try:
+        return jnp.asarray(tokens)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"tokens: expected integer ids of shape {layout} (an array or nested "
+                         f"lists), got {type(tokens).__name__}: {e}") from None
+
+
+def _check_token_range(name, tokens, vocab_size):
+    """Raises a ValueError naming the first id outside [0, vocab_size); a traced array is skipped
+    (its values are not known outside jit)."""
+    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+        return
+    ids = np.asarray(tokens)
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        where = tuple(int(j) for j in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: ids must be in [0, vocab_size) = [0, {vocab_size}), got "
+                         f"{int(ids[where])} at index {where} ({int(bad.sum())} out of range)")
+
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last axis; float32 reduction, no bias.
 
@@ -448,7 +521,8 @@ class mLSTMLayer(nnx.Module):  # noqa: N801
         q, k, v, o, i, f = self._project(x)
         h, state = api.mlstm(q, k, v, i, f, initial_state=state, return_state=return_state,
                              eps=cfg.eps, chunk_size=cfg.chunk_size,
-                             implementation=cfg.mlstm_implementation, segment_ids=segment_ids)
+                             implementation=cfg.mlstm_implementation, segment_ids=segment_ids,
+                             interpret=cfg.interpret or None)
         return self._output(h, o), state
 
     def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
@@ -558,10 +632,18 @@ class xLSTMLM(nnx.Module):  # noqa: N801
                                  f"got {tuple(got.shape)}")
 
     def _check_tokens(self, tokens, rank):
+        """tokens as a JAX integer array of the given rank (T >= 1); concrete ids must be in
+        [0, vocab_size) (traced ones cannot be checked, see `__call__`)."""
+        layout = "(B, T)" if rank == 2 else "(B,)"
+        tokens = _as_token_array(tokens, layout)
         if not jnp.issubdtype(tokens.dtype, jnp.integer) or tokens.ndim != rank:
-            layout = "(B, T)" if rank == 2 else "(B,)"
             raise ValueError(f"tokens: expected integer ids of shape {layout}, got shape "
                              f"{tuple(tokens.shape)} dtype {tokens.dtype}")
+        if rank == 2 and tokens.shape[1] < 1:
+            raise ValueError(f"tokens: expected shape (B, T) with T >= 1, got shape "
+                             f"{tuple(tokens.shape)}")
+        _check_token_range("tokens", tokens, self.config.vocab_size)
+        return tokens
 
     def _run_blocks(self, x, state, *, step: bool, return_state: bool, segment_ids=None):
         cfg = self.config
@@ -598,7 +680,11 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         """Forward over a sequence (training, scoring, prefill).
 
         Args:
-          tokens: (B, T) integer ids, any T >= 1.
+          tokens: (B, T) integer ids in [0, vocab_size), any T >= 1 (an array or nested lists).
+            Concrete ids are checked (ValueError naming the first bad one). Under jit they cannot
+            be: an id >= vocab_size or < -vocab_size embeds as NaN (`jnp.take`'s fill mode), so
+            its logits and those of every later position of its row are NaN (the state carries
+            the NaN); an id in [-vocab_size, 0) wraps around (-1 reads row vocab_size - 1).
           state: optional initial state (see `init_state`); None means zeros.
           return_state: also return the final state (to continue with `step` or another call).
           segment_ids: optional (B, T) integers of packed documents: where the id changes, every
@@ -607,7 +693,7 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         Returns:
           (logits (B, T, vocab_size) float32 soft-capped, final MLSTMState or None).
         """
-        self._check_tokens(tokens, 2)
+        tokens = self._check_tokens(tokens, 2)
         self._check_state(state, tokens.shape[0])
         x = self.embeddings(tokens)
         x, state = self._run_blocks(x, state, step=False, return_state=return_state,
@@ -616,8 +702,9 @@ class xLSTMLM(nnx.Module):  # noqa: N801
 
     def step(self, tokens: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
         """One decoding step with `tfla_jax.mlstm_step`: tokens (B,) -> (logits (B, vocab) float32,
-        new state). `step` after `__call__(..., return_state=True)` equals one longer `__call__`."""
-        self._check_tokens(tokens, 1)
+        new state). `step` after `__call__(..., return_state=True)` equals one longer `__call__`.
+        Token ids are checked as in `__call__` (under jit a bad id gives NaN logits and state)."""
+        tokens = self._check_tokens(tokens, 1)
         if state is None:
             state = self.init_state(tokens.shape[0])
         self._check_state(state, tokens.shape[0])
@@ -681,12 +768,14 @@ def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperat
 
     Args:
       model: an xLSTMLM.
-      prompt: (B, T0) integer ids, T0 >= 1.
+      prompt: (B, T0) integer ids in [0, vocab_size), T0 >= 1 (checked; ValueError naming a
+        bad id).
       prompt_lengths: optional (B,) ints in [1, T0]: row b's prompt is prompt[b, :len_b] (the
         rest is padding). Each row then equals generating its prompt alone: the prompt is moved
         to the end of the row and the padding before it is a separate packed sequence.
-      max_new_tokens: number of tokens to generate (>= 1).
-      temperature: 0.0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
+      max_new_tokens: number of tokens to generate (an int >= 1; NumPy ints too, not bools).
+      temperature: a finite float >= 0; 0.0 is greedy (argmax); > 0 samples from
+        softmax(logits / temperature).
       top_k: sample only among the k most likely tokens (None: all). top_k=1 is greedy.
       rng: a jax.random key; required when temperature > 0.
       eos_token_id: once a row emits it, the rest of that row is filled with it.
@@ -695,17 +784,29 @@ def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperat
     Returns:
       tokens (B, max_new_tokens) int32 (the prompt not included), and the state if return_state.
     """
-    prompt = jnp.asarray(prompt)
+    try:
+        prompt = jnp.asarray(prompt)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"prompt: expected integer ids of shape (B, T0), got "
+                         f"{type(prompt).__name__}: {e}") from None
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt: expected integer ids of shape (B, T0) with T0 >= 1, got shape "
                          f"{tuple(prompt.shape)} dtype {prompt.dtype}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature: expected a float >= 0, got {temperature!r}")
     vocab = model.config.vocab_size
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
-        raise ValueError(f"top_k: expected None or an int in [1, {vocab}], got {top_k!r}")
+    _check_token_range("prompt", prompt, vocab)
+    n = api._real_scalar(max_new_tokens, integer=True)
+    if n is None or n < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    max_new_tokens = n
+    t = api._real_scalar(temperature)
+    if t is None or not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"temperature: expected a finite float >= 0, got {temperature!r}")
+    temperature = t
+    if top_k is not None:
+        k = api._real_scalar(top_k, integer=True)
+        if k is None or not 1 <= k <= vocab:
+            raise ValueError(f"top_k: expected None or an int in [1, {vocab}], got {top_k!r}")
+        top_k = k
     greedy = temperature == 0 or top_k == 1
     if greedy:
         top_k = None                      # one compiled program serves every greedy call
@@ -713,8 +814,12 @@ def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperat
         if not greedy:
             raise ValueError("rng: a jax.random key is needed when temperature > 0")
         rng = jax.random.key(0)
-    if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < vocab):
-        raise ValueError(f"eos_token_id: expected None or an int in [0, {vocab}), got {eos_token_id!r}")
+    if eos_token_id is not None:
+        e = api._real_scalar(eos_token_id, integer=True)
+        if e is None or not 0 <= e < vocab:
+            raise ValueError(f"eos_token_id: expected None or an int in [0, {vocab}), got "
+                             f"{eos_token_id!r}")
+        eos_token_id = e
     prompt, segment_ids = _align_prompts(prompt.astype(jnp.int32), prompt_lengths)
     graphdef, variables = nnx.split(model)
     tokens, state = _generate(graphdef, variables, prompt, segment_ids, rng,
