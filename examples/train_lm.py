@@ -18,13 +18,18 @@ Parameters and optimizer state are float32; the model computes in bfloat16 on GP
 Each run has a directory (--out-dir; default a new runs/lm/<date-time>) holding config.json,
 metrics.jsonl (train and validation records), loss.png (bits per byte), checkpoints/<step>/ (orbax:
 parameters, optimizer state, step, RNG, data position) and sample.txt (text generated at the end).
+--resume continues from the newest checkpoint that restores: a damaged newer one is named in a
+warning and moved to broken-checkpoints/; a partial last record of metrics.jsonl is dropped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import glob
+import io
 import json
 import math
 import os
@@ -64,6 +69,10 @@ class UsageError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the last checkpoint holds the last good state."""
+
+
+class CheckpointError(RuntimeError):
+    """--resume found checkpoints, none of them intact (each is named with what is wrong)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,29 +175,59 @@ def validate_args(args) -> None:
     positive("warmup_steps", args.warmup_steps, 0)
     positive("sample_tokens", args.sample_tokens, 0)
     positive("devices", args.devices, 0)
+
+    def number(name, low, high=math.inf, low_open=False, high_open=False):
+        """A finite float flag in [low, high] (either end open); NaN and inf fail every check."""
+        value = getattr(args, name)
+        if (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            return
+        if math.isinf(high):
+            expected = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            expected = (f"in {'(' if low_open else '['}{low:g}, {high:g}"
+                        f"{')' if high_open else ']'}")
+        raise UsageError(f"--{name.replace('_', '-')}: expected a finite number {expected}, "
+                         f"got {value}")
+    number("val_fraction", 0, 1, low_open=True, high_open=True)
+    number("lr", 0, low_open=True)
+    number("clip_norm", 0, low_open=True)
+    number("min_lr_ratio", 0, 1)
+    number("weight_decay", 0)
+    number("b1", 0, 1, high_open=True)
+    number("b2", 0, 1, high_open=True)
+    number("temperature", 0)
+    if args.top_k is not None and not 1 <= args.top_k <= 256:
+        raise UsageError(f"--top-k: expected an integer in [1, 256], got {args.top_k}")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise UsageError(f"--stop-at: expected a step in [1, --steps={args.steps}], "
                          f"got {args.stop_at}")
     if args.batch_size % args.grad_accum:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by --grad-accum "
                          f"{args.grad_accum}")
-    if not 0 < args.val_fraction < 1:
-        raise UsageError(f"--val-fraction: expected a number in (0, 1), got {args.val_fraction}")
-    for name in ("lr", "clip_norm"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a number > 0")
-    if not 0 <= args.min_lr_ratio <= 1 or args.weight_decay < 0:
-        raise UsageError("--min-lr-ratio must lie in [0, 1] and --weight-decay be >= 0")
-    if not (0 <= args.b1 < 1 and 0 <= args.b2 < 1):
-        raise UsageError("--b1 and --b2 must lie in [0, 1)")
-    if args.temperature < 0 or (args.top_k is not None and not 1 <= args.top_k <= 256):
-        raise UsageError("--temperature must be >= 0 and --top-k in [1, 256]")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.out_dir:
+        check_out_dir(args.out_dir)
     if (args.mlstm_implementation in ("pallas", *tfla_jax.available_backends())
             and jax.default_backend() != "gpu"):
         raise UsageError(f"--mlstm-implementation {args.mlstm_implementation} needs a GPU; this is "
                          f"{jax.default_backend()!r} (use auto or chunkwise)")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """--out-dir must be a directory or creatable as one (no file in the way, writable)."""
+    path = os.path.abspath(out_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out-dir: {out_dir!r} is a file, not a directory; name a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out-dir: cannot create {out_dir!r}: {parent!r} is a file, not a "
+                         "directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir: cannot write {out_dir!r}: {parent!r} is not writable")
 
 
 def compute_dtype(args):
@@ -447,9 +486,19 @@ def setup(args) -> Run:
                                 f"sequence (--seq-len {args.seq_len} + 1 bytes)")
     batches = lm_data.PackedBatches(corpus.train, args.seq_len, args.batch_size, args.seed)
     micro = args.batch_size // args.grad_accum
-    # The validation set: eval_batches x batch_size sequences, run in micro-batches.
+    # The validation set: eval_batches x batch_size sequences, run in micro-batches; at most as
+    # many batches as cover the validation text once (more would only repeat it).
+    eval_batches = args.eval_batches
+    if corpus.val.size >= args.seq_len + 1:
+        held = (corpus.val.size - 1) // args.seq_len
+        most = -(-held // args.batch_size)
+        if eval_batches > most:
+            print(f"note: --eval-batches {eval_batches} asks for {eval_batches * args.batch_size:,} "
+                  f"validation sequences, the validation text holds {held:,} of {args.seq_len} "
+                  f"bytes; using --eval-batches {most} (all of it)")
+            eval_batches = most
     val_windows = lm_data.eval_windows(corpus.val, args.seq_len, micro,
-                                       args.eval_batches * args.grad_accum)
+                                       eval_batches * args.grad_accum)
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: xLSTMLM(cfg, rngs=nnx.Rngs(0))))
     abstract_params = nnx.to_pure_dict(abstract)
@@ -499,6 +548,85 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def visible_damage(self, step: int) -> str | None:
+        """What is missing or unreadable in checkpoint `step` on a look at its files (None: nothing
+        seen; a damaged array file shows only when restored)."""
+        d = os.path.join(self.directory, str(step))
+        for item in ("meta", "state"):
+            if not os.path.isdir(os.path.join(d, item)):
+                return f"its {item}/ folder is missing"
+        for path in [os.path.join(d, "meta", "metadata"), os.path.join(d, "state", "_METADATA")]:
+            try:
+                with open(path) as fh:
+                    content = json.load(fh)
+            except (OSError, ValueError) as e:
+                return f"{os.path.relpath(path, d)} is unreadable ({type(e).__name__}: {e})"
+            if path.endswith("metadata") and not (isinstance(content, dict)
+                                                  and {"data", "flags", "steps"} <= set(content)):
+                return "meta/metadata lacks the data position, flags or steps"
+        for shard in glob.glob(os.path.join(d, "state", "ocdbt.process_*")):
+            for manifest in (os.path.join(d, "state"), shard):
+                if not os.path.isfile(os.path.join(manifest, "manifest.ocdbt")):
+                    return f"{os.path.relpath(manifest, d)}/manifest.ocdbt is missing"
+        return None
+
+    @staticmethod
+    def _attempt(restore):
+        """(restore(), None), or (None, what went wrong). After a failed restore, tensorstore's
+        reads still in flight report onto orbax's closed event loop, a traceback each
+        ("Event loop is closed"); they are swallowed here, waiting for them to settle."""
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            try:
+                return restore(), None
+            except Exception as e:  # noqa: BLE001 -- any failure means: not restorable
+                seen, deadline = -1, time.monotonic() + 3.0
+                while time.monotonic() < deadline and len(buf.getvalue()) != seen:
+                    seen = len(buf.getvalue())
+                    time.sleep(0.2)
+                message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                message = message.split(" See full TensorStore details")[0]
+                return None, f"{type(e).__name__}: {message[:300]}"
+
+    def restore_newest_intact(self, abstract_state: dict, check_meta) -> tuple[int, dict, dict]:
+        """The newest checkpoint that restores (step, state, meta). A damaged newer one is named in
+        a warning and moved to <out-dir>/broken-checkpoints/ (so this run can write that step
+        again); none intact: CheckpointError naming each. check_meta(meta) runs before the
+        state is read (a flag mismatch is the user's, not damage: its UsageError goes through)."""
+        broken = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            reason = self.visible_damage(step)
+            meta = state = None
+            if reason is None:
+                meta, reason = self._attempt(lambda: self.restore_meta(step))
+            if reason is None:
+                check_meta(meta)
+                out, reason = self._attempt(lambda: self.restore(step, abstract_state))
+                if reason is None:
+                    state, meta = out
+            if reason is not None:
+                broken.append((step, reason))
+                continue
+            if broken:
+                self._set_aside(broken, step)
+            return step, state, meta
+        raise CheckpointError(
+            f"--resume: no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {s} is damaged ({r})" for s, r in broken)
+            + ". Start over with --overwrite (or another --out-dir)")
+
+    def _set_aside(self, broken, step) -> None:
+        aside = os.path.join(os.path.dirname(self.directory), "broken-checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        for s, reason in broken:
+            target, n = os.path.join(aside, str(s)), 1
+            while os.path.exists(target):
+                target, n = os.path.join(aside, f"{s}-{n}"), n + 1
+            shutil.move(os.path.join(self.directory, str(s)), target)
+            print(f"warning: checkpoint {self.directory}/{s} is damaged ({reason}); skipped it "
+                  f"(moved to {target}) and resume from step {step}", file=sys.stderr)
+        self.manager.reload()
+
 
 def _has_checkpoint(run_dir: str) -> bool:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -543,10 +671,32 @@ class Metrics:
         self.path = path
         self.records = []
         if keep_until_step is not None and os.path.exists(path):  # resume: drop what came after
-            with open(path) as fh:
-                self.records = [r for r in map(json.loads, fh) if r["step"] <= keep_until_step]
-        with open(path, "w") as fh:
+            self.records = [r for r in self._read(path) if r["step"] <= keep_until_step]
+        tmp = path + ".tmp"  # a kill while rewriting leaves the old file whole
+        with open(tmp, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in self.records)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _read(path: str) -> list[dict]:
+        """The records of a metrics file; a partial line (a kill during an append) is dropped."""
+        records, bad = [], []
+        with open(path) as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    record = json.loads(line)
+                    if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                        raise ValueError("not a metrics record")
+                except ValueError:
+                    if line.strip():
+                        bad.append(number)
+                    continue
+                records.append(record)
+        if bad:
+            print(f"warning: {path}: dropped {len(bad)} partial or unreadable record(s) (line "
+                  f"{', '.join(map(str, bad))}), e.g. what a kill during a write leaves",
+                  file=sys.stderr)
+        return records
 
     def add(self, **record) -> None:
         self.records.append(record)
@@ -636,9 +786,12 @@ def main(argv=None) -> dict:
     checkpoints = Checkpoints(ckpt_dir, args.keep_checkpoints)
     start_step = 0
     if args.resume:
-        start_step = checkpoints.latest_step()
-        saved = checkpoints.restore_meta(start_step)
-        check_resume_flags(saved["flags"], args)
+        try:  # the newest intact checkpoint (orbax reshards onto this run's mesh)
+            start_step, state, saved = checkpoints.restore_newest_intact(
+                run.abstract_state(), lambda meta: check_resume_flags(meta["flags"], args))
+        except BaseException:
+            checkpoints.close()
+            raise
         if saved["steps"] != args.steps:
             print(f"note: --steps {args.steps} differs from the checkpointed run's {saved['steps']}; "
                   "the learning-rate schedule changes with it")
@@ -657,17 +810,17 @@ def main(argv=None) -> dict:
     print(f"devices: {run.mesh.size} ({dict(run.mesh.shape)}), batch {args.batch_size} x "
           f"{args.seq_len} = {tokens_per_step} tokens/step in {args.grad_accum} micro-batch(es)")
 
-    with open(os.path.join(out, "config.json"), "w") as fh:
+    with open(os.path.join(out, "config.json.tmp"), "w") as fh:
         json.dump({"flags": vars(args), "model": {k: str(v) if k.endswith("dtype") else v
                                                   for k, v in dataclasses.asdict(cfg).items()}},
                   fh, indent=2)
+    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
 
-    # State: fresh or restored (orbax reshards onto this run's mesh).
+    # State: fresh or restored.
     if args.resume:
-        state, meta = checkpoints.restore(start_step, run.abstract_state())
-        run.batches.load_state_dict(meta["data"])
-        print(f"resumed from {ckpt_dir}/{start_step} (data epoch {meta['data']['epoch']}, "
-              f"sequence {meta['data']['index']})")
+        run.batches.load_state_dict(saved["data"])
+        print(f"resumed from {ckpt_dir}/{start_step} (data epoch {saved['data']['epoch']}, "
+              f"sequence {saved['data']['index']})")
     else:
         state = run.init_state()
     metrics = Metrics(os.path.join(out, "metrics.jsonl"), start_step if args.resume else None)
@@ -704,7 +857,7 @@ def main(argv=None) -> dict:
         print(f"step 0: validation {val_bpb:.3f} bits/byte")
 
     bar = _progress(args, start_step, stop)
-    window, pending, last_saved = [], None, checkpoints.latest_step() if args.resume else None
+    window, pending, last_saved = [], None, start_step if args.resume else None
     t_window, steps_window = time.perf_counter(), 0
     step = start_step
 
@@ -796,7 +949,7 @@ if __name__ == "__main__":
     except (UsageError, lm_data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -4,8 +4,10 @@ Every run uses the tiny preset on a small slice of the default corpus (the stdli
 short sequences, so each in-process `main` call costs one compilation (a few seconds on CPU).
 """
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -67,13 +69,30 @@ def test_short_run_trains_evaluates_and_writes_its_files(full_run):
     assert config["model"]["vocab_size"] == 256 and config["flags"]["steps"] == STEPS
 
 
-def test_resume_continues_exactly(full_run, tmp_path):
+RESUME = ["--steps", str(STEPS), "--eval-every", "4", "--sample-tokens", "0"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """The first half of `full_run`, stopped at step 4 with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("stopped")
+    first = _run(out, *RESUME, "--ckpt-every", "2", "--stop-at", "4")
+    assert first["step"] == 4 and sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    return out
+
+
+def _copy(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_resume_continues_exactly(full_run, stopped_run, tmp_path, capsys):
     _, full = full_run
-    first = _run(tmp_path, "--steps", str(STEPS), "--eval-every", "4", "--sample-tokens", "0",
-                 "--stop-at", "3")
-    assert first["step"] == 3 and os.listdir(tmp_path / "checkpoints") == ["3"]
-    second = _run(tmp_path, "--steps", str(STEPS), "--eval-every", "4", "--sample-tokens", "0",
-                  "--resume")
+    run_dir = _copy(stopped_run, tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as fh:  # what a kill during an append leaves
+        fh.write('{"split": "train", "step": 5, "lo')
+    second = _run(run_dir, *RESUME, "--resume")
+    assert "dropped 1 partial or unreadable record(s) (line" in capsys.readouterr().err
     assert second["step"] == STEPS
     # The resumed run's metrics file holds the whole run, and every loss matches the full run.
     want, got = _losses(full["train"]), _losses(second["train"])
@@ -82,6 +101,79 @@ def test_resume_continues_exactly(full_run, tmp_path):
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose([r["loss"] for r in second["val"]],
                                [r["loss"] for r in full["val"]], rtol=1e-6, atol=1e-6)
+
+
+def _damage(step_dir, how):
+    """Damage one orbax checkpoint the ways a crash, a full disk or a careless hand do."""
+    if how == "no-state":
+        shutil.rmtree(step_dir / "state")
+    elif how == "truncated-data":
+        data = max(glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"), key=os.path.getsize)
+        os.truncate(data, os.path.getsize(data) // 2)
+    elif how == "empty-step":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+    elif how == "garbage-meta":
+        (step_dir / "meta" / "metadata").write_text("{garbage")
+    elif how == "truncated-METADATA":
+        os.truncate(step_dir / "state" / "_METADATA", 100)
+    elif how == "no-manifests":
+        for manifest in glob.glob(f"{step_dir}/state/**/manifest.ocdbt", recursive=True):
+            os.remove(manifest)
+
+
+DAMAGE = ["no-state", "truncated-data", "empty-step", "garbage-meta", "truncated-METADATA",
+          "no-manifests"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_resume_skips_a_damaged_newest_checkpoint(stopped_run, tmp_path, capsys, how):
+    """--resume takes the newest intact checkpoint (step 2 here: nothing to train, no compile),
+    names the damaged one in a warning and moves it out of orbax's way."""
+    run_dir = _copy(stopped_run, tmp_path)
+    _damage(run_dir / "checkpoints" / "4", how)
+    summary = _run(run_dir, *RESUME, "--resume", "--stop-at", "2")
+    captured = capsys.readouterr()
+    assert summary["step"] == 2 and f"resumed from {run_dir}/checkpoints/2" in captured.out
+    assert f"warning: checkpoint {run_dir}/checkpoints/4 is damaged (" in captured.err
+    assert "Traceback" not in captured.err and "Event loop is closed" not in captured.err
+    assert os.listdir(run_dir / "checkpoints") == ["2"]
+    assert os.listdir(run_dir / "broken-checkpoints") == ["4"]
+    assert [r["step"] for r in summary["train"]] == [1, 2]
+
+
+def test_resume_after_a_damaged_checkpoint_continues_exactly(full_run, stopped_run, tmp_path,
+                                                             capsys):
+    _, full = full_run
+    run_dir = _copy(stopped_run, tmp_path)
+    _damage(run_dir / "checkpoints" / "4", "truncated-data")
+    summary = _run(run_dir, *RESUME, "--resume")
+    assert "checkpoints/4 is damaged (" in capsys.readouterr().err
+    assert summary["step"] == STEPS and sorted(os.listdir(run_dir / "checkpoints")) == ["2", "8"]
+    np.testing.assert_allclose([r["loss"] for r in summary["train"] + summary["val"]],
+                               [r["loss"] for r in full["train"] + full["val"]],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_resume_without_an_intact_checkpoint_names_the_damage(stopped_run, tmp_path, capsys):
+    run_dir = _copy(stopped_run, tmp_path)
+    _damage(run_dir / "checkpoints" / "4", "garbage-meta")
+    _damage(run_dir / "checkpoints" / "2", "no-state")
+    with pytest.raises(train_lm.CheckpointError,
+                       match=r"no intact checkpoint in .*step 4 is damaged \(meta/metadata is "
+                             r"unreadable.*step 2 is damaged \(its state/ folder is missing\)"):
+        _run(run_dir, *RESUME, "--resume")
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]  # left where they are
+
+
+def test_eval_batches_beyond_the_validation_text_are_clamped(capsys):
+    args = train_lm.build_parser().parse_args(FAST + ["--eval-batches", "100000"])
+    run = train_lm.setup(args)
+    held = (run.corpus.val.size - 1) // 32
+    assert run.val_windows.shape == (-(-held // 8), 8, 33)
+    assert "note: --eval-batches 100000 asks for 800,000 validation sequences" in \
+        capsys.readouterr().out
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -167,9 +259,17 @@ def _bad_files(tmp_path):
     (["--devices", "64"], r"--devices 64: only \d+ cpu device"),
     (["--resume", "--out-dir", "{tmp}/run"], r"--resume: no checkpoint in"),
     (["--resume"], r"--resume: no run with a checkpoint in runs/lm/"),
+    (["--temperature", "nan"], r"--temperature: expected a finite number >= 0, got nan"),
+    (["--lr", "inf"], r"--lr: expected a finite number > 0, got inf"),
+    (["--weight-decay", "nan"], r"--weight-decay: expected a finite number >= 0, got nan"),
+    (["--b2", "1"], r"--b2: expected a finite number in \[0, 1\), got 1.0"),
+    (["--top-k", "0"], r"--top-k: expected an integer in \[1, 256\], got 0"),
+    (["--out-dir", "{tmp}/short.txt"], r"--out-dir: '.*short.txt' is a file, not a directory"),
+    (["--out-dir", "{tmp}/short.txt/run"], r"--out-dir: cannot create .*short.txt' is a file"),
 ], ids=["missing-path", "empty-file", "undecodable-file", "binary-file", "empty-dir", "too-short",
         "heads-vs-width", "heads-vs-width-small", "seq-len-0", "accum", "chunk-size", "devices",
-        "resume-nothing", "resume-no-runs"])
+        "resume-nothing", "resume-no-runs", "temperature-nan", "lr-inf", "weight-decay-nan",
+        "b2-1", "top-k-0", "out-dir-file", "out-dir-under-file"])
 def test_bad_input_fails_clearly_before_compiling(tmp_path, monkeypatch, compile_events, flags,
                                                   message):
     _bad_files(tmp_path)
