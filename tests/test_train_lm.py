@@ -126,6 +126,12 @@ DAMAGE = ["no-state", "truncated-data", "empty-step", "garbage-meta", "truncated
           "no-manifests"]
 
 
+# orbax's reads of a damaged checkpoint, abandoned by the fallback, are garbage-collected later
+# (asyncio "Event loop is closed" / tensorstore errors reported by pytest as unraisable): expected.
+ABANDONED_READS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@ABANDONED_READS
 @pytest.mark.parametrize("how", DAMAGE)
 def test_resume_skips_a_damaged_newest_checkpoint(stopped_run, tmp_path, capsys, how):
     """--resume takes the newest intact checkpoint (step 2 here: nothing to train, no compile),
@@ -142,6 +148,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(stopped_run, tmp_path, capsys,
     assert [r["step"] for r in summary["train"]] == [1, 2]
 
 
+@ABANDONED_READS
 def test_resume_after_a_damaged_checkpoint_continues_exactly(full_run, stopped_run, tmp_path,
                                                              capsys):
     _, full = full_run
@@ -155,6 +162,7 @@ def test_resume_after_a_damaged_checkpoint_continues_exactly(full_run, stopped_r
                                rtol=1e-6, atol=1e-6)
 
 
+@ABANDONED_READS
 def test_resume_without_an_intact_checkpoint_names_the_damage(stopped_run, tmp_path, capsys):
     run_dir = _copy(stopped_run, tmp_path)
     _damage(run_dir / "checkpoints" / "4", "garbage-meta")
