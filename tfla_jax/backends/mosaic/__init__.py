@@ -18,7 +18,6 @@ from tfla_jax.backends.mosaic.states import state_recurrence
 from tfla_jax.backends.triton import BACKEND as TRITON, TritonConfig
 from tfla_jax.backends.triton.common import pad_last
 
-F32 = jnp.float32
 _DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
 
 
