@@ -4,11 +4,13 @@
         [--impls pallas_triton,chunkwise] [--gates exp,sigmoid,sigmoid-nonorm]
         [--shapes headline,t_sweep,head_sweep] [--chunks default,64,128,256,512]
         [--config block_q=64,num_stages=2] [--check | --check-only]
-        [--package-root .baseline --label baseline]
+        [--package-root .baseline --label baseline] [--segments 0,8]
 
 forward:  (q, k, v, i, f, initial state) -> (h, final c, n), return_state=True.
 fwdbwd:   jax.value_and_grad of sum(h dh) + sum(c_T dc) + sum(n_T dn) (random cotangents) with
           respect to q, k, v, i, f, c0, n0, m0.
+--segments: packed sequences, N segments of random lengths per row (segment_ids; 0 = none),
+          timed side by side with the plain call (issue bar: <= 1.10x).
 --check:  h, c_T and every gradient of the call in the shape's dtype against a float32
           implementation="chunkwise" call (HIGHEST matmul precision) on the same (dtype-valued)
           inputs, at B=2 T=4096 (specs.check_shape); relative RMS error, bound 2e-2 for 16-bit
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default="headline", help=f"sets from specs.py: {', '.join(specs.SETS)}")
     p.add_argument("--chunks", default="default",
                    help="chunk sizes for the kernel implementations, 'default' = the package's")
+    p.add_argument("--segments", default="0",
+                   help="segments per row (random lengths) passed as segment_ids; 0 = none")
     p.add_argument("--config", default="", help="key=value,... applied with dataclasses.replace "
                    "to the backend's default config")
     p.add_argument("--check", action="store_true",
@@ -56,8 +60,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(api, impl, shape, gate, chunk, overrides, interpret, fwdbwd):
-    """(jitted fn, argument names, config or None) for one case."""
+def build(api, impl, shape, gate, chunk, overrides, interpret, fwdbwd, segments=0):
+    """(jitted fn, argument names, config or None) for one case (segments > 0: the inputs'
+    "seg" ids go in as segment_ids, after the other arguments)."""
     import jax
     import jax.numpy as jnp
 
@@ -69,32 +74,40 @@ def build(api, impl, shape, gate, chunk, overrides, interpret, fwdbwd):
         kw["interpret"] = True
     opts = dict(kw, **gate_kw, return_state=True)
 
-    def forward(q, k, v, i, f, c0, n0, m0):
-        h, s = api.m.mlstm(q, k, v, i, f, initial_state=api.m.MLSTMState(c0, n0, m0), **opts)
+    seg = ("seg",) if segments else ()
+
+    def forward(q, k, v, i, f, c0, n0, m0, *seg_ids):
+        kw = dict(segment_ids=seg_ids[0]) if seg_ids else {}
+        h, s = api.m.mlstm(q, k, v, i, f, initial_state=api.m.MLSTMState(c0, n0, m0), **opts,
+                           **kw)
         return h, s.c, s.n
 
     if not fwdbwd:
-        return jax.jit(forward), GRAD_NAMES, cfg
+        return jax.jit(forward), GRAD_NAMES + seg, cfg
 
-    def loss(q, k, v, i, f, c0, n0, m0, dh, dc, dn):
-        h, c, n = forward(q, k, v, i, f, c0, n0, m0)
+    def loss(q, k, v, i, f, c0, n0, m0, dh, dc, dn, *seg_ids):
+        h, c, n = forward(q, k, v, i, f, c0, n0, m0, *seg_ids)
         return (jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32)) + jnp.sum(c * dc)
                 + jnp.sum(n * dn))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(GRAD_NAMES)))))
-    return step, GRAD_NAMES + ("dh", "dc", "dn"), cfg
+    return step, GRAD_NAMES + ("dh", "dc", "dn") + seg, cfg
 
 
-def input_sets(shape, seed, n=None):
-    """n (default: enough to beat the L2) input sets of `shape` as dicts."""
-    first = common.mlstm_inputs(seed, shape.B, shape.T, shape.H, shape.K, shape.V, shape.dtype)
+def input_sets(shape, seed, n=None, segments=8):
+    """n (default: enough to beat the L2) input sets of `shape` as dicts (with "seg": segment
+    ids of `segments` random-length segments per row)."""
+    make = lambda j: dict(  # noqa: E731
+        common.mlstm_inputs(seed + j, shape.B, shape.T, shape.H, shape.K, shape.V, shape.dtype),
+        seg=common.segment_ids(seed + j, shape.B, shape.T, segments))
+    first = make(0)
     n = n or common.n_sets_for(common.set_bytes(first.values()))
-    return [first] + [common.mlstm_inputs(seed + j, shape.B, shape.T, shape.H, shape.K, shape.V,
-                                          shape.dtype) for j in range(1, n)]
+    return [first] + [make(j) for j in range(1, n)]
 
 
 def case_row(label, impl, gate, pas, shape, **kw):
-    return dict(label=label, impl=impl, gate=gate, **{"pass": pas}, B=shape.B, T=shape.T,
+    return dict(label=label, impl=impl, gate=gate, **{"pass": pas}, segments=kw.pop("segments", 0),
+                B=shape.B, T=shape.T,
                 H=shape.H, K=shape.K, V=shape.V, dtype=shape.dtype, **kw)
 
 
@@ -103,16 +116,16 @@ def error_row(row, e):
     return dict(row, error=f"{type(e).__name__}: {msg[0] if msg else ''}"[:300])
 
 
-def bench_case(api, impl, shape, gate, chunk, pas, sets, args, peaks, overrides):
+def bench_case(api, impl, shape, gate, chunk, pas, sets, args, peaks, overrides, segments=0):
     """One timed row: median/min/p90 ms, TFLOP/s, roofline fraction, compiled peak memory."""
     import dataclasses
 
     import jax.numpy as jnp
 
-    row = case_row(args.label, impl, gate, pas, shape, chunk_requested=chunk)
+    row = case_row(args.label, impl, gate, pas, shape, chunk_requested=chunk, segments=segments)
     try:
         fn, names, cfg = build(api, impl, shape, gate, chunk, overrides, args.interpret,
-                               pas == "fwdbwd")
+                               pas == "fwdbwd", segments)
         arg_sets = [tuple(s[n] for n in names) for s in sets]
         t = common.time_jax(fn, arg_sets, args.reps, args.warmup)
         dt = jnp.dtype(shape.dtype)
@@ -191,6 +204,7 @@ def main(argv=None):
              else args.impls.split(","))
     gates = args.gates.split(",")
     chunks = [None if c == "default" else int(c) for c in args.chunks.split(",")]
+    segments = [int(x) for x in args.segments.split(",")]
     overrides = common.parse_overrides(args.config)
     shapes = specs.shapes(args.shapes)
     print(f"{info['device']} ({jax.default_backend()}), jax {jax.__version__}, tfla_jax from "
@@ -204,16 +218,18 @@ def main(argv=None):
 
     missing = [m for m in impls if not api.available(m, args.interpret)]
     for n, shape in enumerate([] if args.check_only else shapes):
-        sets = input_sets(shape, 1000 * n)
+        sets = input_sets(shape, 1000 * n, segments=max(segments))
         for impl in impls:
             for gate in gates:
                 for chunk in (chunks if impl not in XLA_IMPLS else [None]):
                     for pas in args.passes.split(","):
-                        add(case_row(args.label, impl, gate, pas, shape, chunk_requested=chunk,
-                                     error="not available in this package/device")
-                            if impl in missing else
-                            bench_case(api, impl, shape, gate, chunk, pas, sets, args, peaks,
-                                       overrides))
+                        for nseg in segments:
+                            add(case_row(args.label, impl, gate, pas, shape, segments=nseg,
+                                         chunk_requested=chunk,
+                                         error="not available in this package/device")
+                                if impl in missing else
+                                bench_case(api, impl, shape, gate, chunk, pas, sets, args,
+                                           peaks, overrides, nseg))
         del sets
     cshapes = list(dict.fromkeys(specs.check_shape(s) for s in shapes))
     for n, cshape in enumerate(cshapes if args.check or args.check_only else []):

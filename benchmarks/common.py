@@ -170,6 +170,19 @@ def mlstm_inputs(seed, B, T, H, K, V, dtype="bfloat16", *, state=True, cotangent
     return x
 
 
+def segment_ids(seed, B, T, n):
+    """(B, T) int32 ids of n segments of random lengths per row (n - 1 distinct random cuts)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((B, T), np.int32)
+    for b in range(B):
+        cuts = rng.choice(np.arange(1, T), size=min(max(n - 1, 0), T - 1), replace=False)
+        ids[b, cuts] = 1
+    return jnp.asarray(np.cumsum(ids, axis=1, dtype=np.int32))
+
+
 def set_bytes(arrays) -> int:
     return int(sum(a.size * a.dtype.itemsize for a in arrays))
 
@@ -206,7 +219,8 @@ def roofline(ms, flop, byts, peaks) -> dict:
 
 # (row key, header, format) of the markdown table; missing values print as "-".
 COLUMNS = [("label", "label", "{}"), ("impl", "impl", "{}"), ("gate", "gate", "{}"),
-           ("pass", "pass", "{}"), ("B", "B", "{}"), ("T", "T", "{}"), ("H", "H", "{}"),
+           ("pass", "pass", "{}"), ("segments", "segs", "{}"), ("B", "B", "{}"),
+           ("T", "T", "{}"), ("H", "H", "{}"),
            ("K", "K", "{}"), ("V", "V", "{}"), ("chunk", "L", "{}"), ("ms", "ms", "{:.3f}"),
            ("min_ms", "min", "{:.3f}"), ("p90_ms", "p90", "{:.3f}"),
            ("tflops", "TFLOP/s", "{:.1f}"), ("gbytes", "GB", "{:.2f}"),
