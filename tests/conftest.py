@@ -14,6 +14,11 @@ def pytest_addoption(parser):
                      help="write every checked relative error (test, quantity, error, bound) as JSON")
 
 
+def pytest_ignore_collect(collection_path, config):
+    """tests/test_gpu.py (compiled 16-bit kernels) only runs with --gpu."""
+    return collection_path.name == "test_gpu.py" and not config.getoption("--gpu")
+
+
 def pytest_configure(config):
     from tests import utils
     utils.ON_GPU = config.getoption("--gpu")

@@ -44,6 +44,8 @@ def _bound(err_xla):
 @pytest.mark.parametrize("case", TABLE)
 def test_forward_within_10x_of_chunkwise(impl, case):
     args = _inputs(case, T=2048 if case == "capped" else 512)
+    if utils.declines(impl, args[0], args[2]):      # float32 (the Mosaic GPU backend: 16-bit)
+        return
     h64 = numpy_scan(*args)
     err_xla = rel_err(tfla_jax.mlstm(*args, implementation="chunkwise")[0], h64)
     errs = {L: rel_err(run(impl, *args, chunk_size=L)[0], h64) for L in CHUNKS}
@@ -57,6 +59,8 @@ def test_forward_within_10x_of_chunkwise(impl, case):
 @pytest.mark.parametrize("case", TABLE)
 def test_gradients_within_10x_of_chunkwise(impl, case):
     args = _inputs(case, T=256)
+    if utils.declines(impl, args[0], args[2]):
+        return
     cot = random_like(1, jnp.zeros(args[2].shape))
     dt = jnp.float64 if utils.x64() else jnp.float32
 

@@ -25,6 +25,33 @@ def suite_backends():
             if ON_GPU or tfla_jax.get_backend(n).interpretable]
 
 
+def declines(impl, q, v, *, chunk_size=None, input_gate="exp", normalize=True, **_):
+    """True if kernel backend `impl` declines this call, after checking that `tfla_jax.mlstm`
+    raises the ValueError naming its reason (e.g. the Mosaic GPU backend and float32 or chunk
+    sizes below 128, on the GPU; tests/test_gpu.py runs it on the 16-bit cases it takes)."""
+    if impl not in kernel_backends():
+        return False
+    import re
+
+    import pytest
+
+    from tfla_jax import backends
+    B, T, H, K = q.shape
+    call = backends.Call(B=B, T=T, H=H, K=K, V=v.shape[-1], dtype=jnp.dtype(q.dtype),
+                         input_gate=input_gate, normalize=normalize,
+                         platform=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+                         interpret=not ON_GPU)
+    backend = tfla_jax.get_backend(impl)
+    reason = backend.supported(call, backend.default_config(call, chunk_size=chunk_size))
+    if reason is None:
+        return False
+    f = jnp.zeros(q.shape[:3], jnp.float32)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        run(impl, q, q, v, f, f, chunk_size=chunk_size, input_gate=input_gate,
+            normalize=normalize)
+    return True
+
+
 def x64() -> bool:
     return bool(jax.config.jax_enable_x64)
 
