@@ -35,7 +35,8 @@ COLUMNS = [("label", "variant", "{}"), ("impl", "impl", "{}"), ("gate", "gate", 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="headline", help=f"sets from specs.py: {', '.join(specs.SETS)}")
+    p.add_argument("--shapes", default="headline",
+                   help=f"sets from specs.py: {', '.join(specs.SETS)}")
     p.add_argument("--gates", default="exp,sigmoid", help="exp, sigmoid, sigmoid-nonorm")
     p.add_argument("--passes", default="fwd,fwdbwd")
     p.add_argument("--impl", default="auto",
@@ -133,8 +134,9 @@ def main(argv=None):
     worst = max((r["vs_plain"] for r in ctx), default=None)
     if worst is not None:
         verdict = "meets" if worst < BAR else "misses"
+        note = "; CPU timings are noise" if args.interpret else ""
         print(f"context-parallel machinery on a 1-device axis: worst context / plain = {worst:.3f}"
-              f" ({verdict} the < {BAR:.2f} bar{'; CPU timings are noise' if args.interpret else ''})")
+              f" ({verdict} the < {BAR:.2f} bar{note})")
     return rows
 
 

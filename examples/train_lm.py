@@ -289,8 +289,8 @@ def build_mesh(args) -> Mesh:
                          "devices")
     micro = args.batch_size // args.grad_accum
     if micro % (n // cp):
-        raise UsageError(f"the micro-batch (--batch-size / --grad-accum = {micro}) is not divisible "
-                         f"by the {n // cp} devices that split the batch")
+        raise UsageError(f"the micro-batch (--batch-size / --grad-accum = {micro}) is not "
+                         f"divisible by the {n // cp} devices that split the batch")
     if cp == 1:
         return Mesh(np.asarray(available[:n]).reshape(n // args.fsdp, args.fsdp), BATCH_AXES)
     devices = np.asarray(available[:n]).reshape(n // (args.fsdp * cp), args.fsdp, cp)

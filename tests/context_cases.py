@@ -110,7 +110,8 @@ def run_case(name):
         errs["d" + gname] = rel_err(g, w)
     if with_state:
         for field in ("c", "n") + (("m",) if gate == "exp" else ()):
-            errs["d" + field + "0"] = rel_err(getattr(grads[5], field), getattr(grads_ref[5], field))
+            errs["d" + field + "0"] = rel_err(getattr(grads[5], field),
+                                              getattr(grads_ref[5], field))
     finite = bool(all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((h, fin, grads))))
     ok = finite and all(e <= (TOL_H if q_ == "h" else TOL_GRAD) for q_, e in errs.items())
     return dict(case=name, ok=ok, finite=finite, errors=errs, seconds=time.perf_counter() - t0)

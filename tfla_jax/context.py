@@ -1,4 +1,5 @@
-"""Context parallelism: one mLSTM call whose time axis is split over a mesh axis (docs/context_parallel.md).
+"""Context parallelism: one mLSTM call whose time axis is split over a mesh axis
+(docs/context_parallel.md).
 
 Inside `jax.shard_map`, device d of the axis `context_axis` holds the d-th contiguous block of
 positions. The state entering a block is an affine function of the state entering the previous
