@@ -7,9 +7,11 @@
 
 One optimizer step (`make_train_step`):
   1. the global batch [grad_accum, micro_batch, seq_len + 1] is split over the devices of a
-     ("data", "fsdp") mesh; inside `jax.shard_map` each device all-gathers the parameters that FSDP
-     shards, runs forward + backward on its rows (micro-batches in a `lax.scan`), and the gradients
-     are averaged over devices (`psum_scatter` back onto the FSDP shards, `psum` elsewhere);
+     ("data", "fsdp") mesh (with --context-parallel N also a "context" axis of N devices that
+     splits each sequence into N blocks: `tfla_jax.mlstm(..., context_axis="context")`); inside
+     `jax.shard_map` each device all-gathers the parameters that FSDP shards, runs forward +
+     backward on its rows (micro-batches in a `lax.scan`), and the gradients are averaged over
+     devices (`psum_scatter` back onto the FSDP shards, `psum` elsewhere);
   2. optax: global-norm clipping, AdamW (b2 0.95, weight decay on matrices only), warmup + cosine;
   3. a NaN/inf guard: a step whose loss or gradient norm is not finite leaves the state untouched,
      and the host stops with a message; the last checkpoint (always a finite state) stays.
@@ -54,6 +56,7 @@ from tfla_jax.layers import generate, xLSTMConfig, xLSTMLM  # noqa: E402
 
 PRESETS = ("tiny", "small", "medium")  # xLSTMConfig presets, here with the 256-byte vocabulary
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both mesh axes; FSDP shards over "fsdp"
+CONTEXT_AXIS = "context"  # --context-parallel N > 1: each sequence is split over this axis
 LN2 = math.log(2.0)
 RUNS_DIR = os.path.join("runs", "lm")  # default home of the runs, one directory each
 # Flags whose change makes a resumed run a different run (checked against the checkpoint).
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fsdp", type=int, default=1,
                    help="shard parameters and optimizer state over this many devices (the rest "
                         "of the devices replicate them: data parallelism)")
+    g.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="split each sequence into N blocks over N devices (a 'context' mesh axis "
+                        "next to data and fsdp; the mLSTM state crosses the blocks exactly)")
     g = p.add_argument_group("sample")
     g.add_argument("--sample-tokens", type=int, default=400, help="bytes to generate at the end")
     g.add_argument("--prompt", default="def ", help="text the sample continues")
@@ -169,7 +175,8 @@ def validate_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')}: expected an integer >= {minimum}, "
                              f"got {value}")
     for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
-                 "log_every", "ckpt_every", "keep_checkpoints", "fsdp", "max_corpus_bytes",
+                 "log_every", "ckpt_every", "keep_checkpoints", "fsdp", "context_parallel",
+                 "max_corpus_bytes",
                  "embedding_dim", "num_blocks", "num_heads"):
         positive(name, getattr(args, name))
     positive("warmup_steps", args.warmup_steps, 0)
@@ -202,6 +209,9 @@ def validate_args(args) -> None:
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise UsageError(f"--stop-at: expected a step in [1, --steps={args.steps}], "
                          f"got {args.stop_at}")
+    if args.seq_len % args.context_parallel:
+        raise UsageError(f"--seq-len {args.seq_len} is not divisible by --context-parallel "
+                         f"{args.context_parallel}")
     if args.batch_size % args.grad_accum:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by --grad-accum "
                          f"{args.grad_accum}")
@@ -265,21 +275,36 @@ def build_config(args) -> xLSTMConfig:
 
 
 def build_mesh(args) -> Mesh:
-    """A (data, fsdp) mesh over the first --devices devices."""
+    """A (data, fsdp) mesh over the first --devices devices; (data, fsdp, context) with
+    --context-parallel N > 1 (a sequence's N blocks on neighbouring devices)."""
     available = jax.devices()
     n = args.devices or len(available)
     if n > len(available):
         raise UsageError(f"--devices {n}: only {len(available)} {jax.default_backend()} device(s) "
                          "visible (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
                          "simulates N)")
-    if n % args.fsdp:
-        raise UsageError(f"--fsdp {args.fsdp} does not divide the {n} devices")
+    cp = args.context_parallel
+    if n % (args.fsdp * cp):
+        raise UsageError(f"--fsdp {args.fsdp} x --context-parallel {cp} does not divide the {n} "
+                         "devices")
     micro = args.batch_size // args.grad_accum
-    if micro % n:
-        raise UsageError(f"the micro-batch (--batch-size / --grad-accum = {micro}) is not divisible "
-                         f"by the {n} devices")
-    devices = np.asarray(available[:n]).reshape(n // args.fsdp, args.fsdp)
-    return Mesh(devices, BATCH_AXES)
+    if micro % (n // cp):
+        raise UsageError(f"the micro-batch (--batch-size / --grad-accum = {micro}) is not "
+                         f"divisible by the {n // cp} devices that split the batch")
+    if cp == 1:
+        return Mesh(np.asarray(available[:n]).reshape(n // args.fsdp, args.fsdp), BATCH_AXES)
+    devices = np.asarray(available[:n]).reshape(n // (args.fsdp * cp), args.fsdp, cp)
+    return Mesh(devices, BATCH_AXES + (CONTEXT_AXIS,))
+
+
+def context_axis(mesh: Mesh) -> str | None:
+    """The mesh axis sequences are split over, or None (no context parallelism)."""
+    return CONTEXT_AXIS if CONTEXT_AXIS in mesh.axis_names else None
+
+
+def token_spec(mesh: Mesh, leading: int = 0) -> P:
+    """[..., rows, T] arrays: rows over the batch axes, T over the context axis if any."""
+    return P(*([None] * leading), BATCH_AXES, context_axis(mesh))
 
 
 def fsdp_dim(shape, fsdp: int) -> int:
@@ -324,19 +349,31 @@ def make_optimizer(args):
 
 
 def document_ids(tokens):
-    """Segment ids of packed documents, [b, T] int32: an EOD byte ends a document and starts the
+    """Segment ids of packed documents, [..., T] int32: an EOD byte ends a document and starts the
     next one's context (the state restarts there; its target is the next document's first byte)."""
-    return jnp.cumsum(tokens == lm_data.EOD, axis=1, dtype=jnp.int32)
+    return jnp.cumsum(tokens == lm_data.EOD, axis=-1, dtype=jnp.int32)
+
+
+def split_windows(tokens, document_resets=True):
+    """Windows [..., T + 1] -> (inputs, targets, segment ids or None), each [..., T]: formed on
+    whole windows (before T is split over devices), so the ids count documents from the start."""
+    inputs = tokens[..., :-1]
+    return inputs, tokens[..., 1:], document_ids(inputs) if document_resets else None
+
+
+def window_loss(graphdef, params, inputs, targets, ids=None, context=None):
+    """Mean next-byte cross-entropy (nats) over these positions. inputs, targets, ids [b, T]
+    (ids: packed documents, each read on its own; None: one continuous text). context: the mesh
+    axis T is split over (inside shard_map), or None."""
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(inputs, segment_ids=ids, context_axis=context)  # [b, T, 256] float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def loss_fn(graphdef, params, tokens, document_resets=True):
     """Mean next-byte cross-entropy (nats). tokens [b, T + 1] int32. With document_resets every
     document in the window is read on its own (segment_ids); without, as one continuous text."""
-    model = nnx.merge(graphdef, params)
-    inputs = tokens[:, :-1]
-    ids = document_ids(inputs) if document_resets else None
-    logits, _ = model(inputs, segment_ids=ids)  # [b, T, 256] float32
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return window_loss(graphdef, params, *split_windows(tokens, document_resets))
 
 
 def _gather(params, dims):
@@ -345,43 +382,51 @@ def _gather(params, dims):
                         params, dims)
 
 
-def _average_grads(grads, dims, count: int):
-    """Sum the per-device gradients (onto the FSDP shards where sharded) and divide by count."""
+def _average_grads(grads, dims, count: int, axes=BATCH_AXES):
+    """Sum the per-device gradients (onto the FSDP shards where sharded) over the mesh axes and
+    divide by count."""
+    others = tuple(a for a in axes if a != "fsdp")
+
     def reduce(g, d):
         if d >= 0:
             g = lax.psum_scatter(g, "fsdp", scatter_dimension=d, tiled=True)
-            return lax.psum(g, "data") / count
-        return lax.psum(g, BATCH_AXES) / count
+            return lax.psum(g, others) / count
+        return lax.psum(g, axes) / count
     return jax.tree.map(reduce, grads, dims)
 
 
 def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state_shardings,
                     nan_at_step=-1, document_resets=True):
-    """The jit-compiled step: (state, tokens [accum, micro, T + 1]) -> (state, metrics)."""
+    """The jit-compiled step: (state, tokens [accum, micro, T + 1]) -> (state, metrics).
+    Every device holds as many positions, so the mean over devices is the global mean."""
     num_devices = mesh.size
+    axes, context = mesh.axis_names, context_axis(mesh)
 
-    def local_loss_and_grads(params_shard, tokens, step):
+    def local_loss_and_grads(params_shard, windows, step):
         params = _gather(params_shard, param_dims)
 
-        def micro_batch(carry, toks):  # gradient accumulation: one micro-batch per scan step
-            loss, grads = jax.value_and_grad(functools.partial(
-                loss_fn, graphdef, document_resets=document_resets))(params, toks)
+        def micro_batch(carry, xs):  # gradient accumulation: one micro-batch per scan step
+            loss_of = functools.partial(window_loss, graphdef, context=context)
+            loss, grads = jax.value_and_grad(loss_of)(params, *xs)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = lax.scan(micro_batch, zeros, tokens)
-        count = tokens.shape[0] * num_devices
-        loss = lax.psum(loss, BATCH_AXES) / count
+        (loss, grads), _ = lax.scan(micro_batch, zeros, windows)
+        count = windows[0].shape[0] * num_devices
+        loss = lax.psum(loss, axes) / count
         loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)  # testing the guard (off: -1)
-        return loss, _average_grads(grads, param_dims, count)
+        return loss, _average_grads(grads, param_dims, count, axes)
 
+    spec = token_spec(mesh, leading=1)
     sharded = jax.shard_map(local_loss_and_grads, mesh=mesh,
-                            in_specs=(param_specs, P(None, BATCH_AXES), P()),
+                            in_specs=(param_specs, (spec, spec, spec if document_resets else None),
+                                      P()),
                             out_specs=(P(), param_specs), check_vma=False)
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_shardings, None))
     def train_step(state, tokens):
-        loss, grads = sharded(state["params"], tokens, state["step"])
+        loss, grads = sharded(state["params"], split_windows(tokens, document_resets),
+                              state["step"])
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = dict(state, params=optax.apply_updates(state["params"], updates),
@@ -396,12 +441,18 @@ def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state
 
 def make_eval_step(graphdef, mesh, param_dims, param_specs, document_resets=True):
     """The jit-compiled validation loss (nats per byte) of one batch [b, T + 1]."""
-    def local_loss(params_shard, tokens):
-        loss = loss_fn(graphdef, _gather(params_shard, param_dims), tokens, document_resets)
-        return lax.pmean(loss, BATCH_AXES)
+    context = context_axis(mesh)
 
-    return jax.jit(jax.shard_map(local_loss, mesh=mesh, in_specs=(param_specs, P(BATCH_AXES)),
-                                 out_specs=P(), check_vma=False))
+    def local_loss(params_shard, windows):
+        loss = window_loss(graphdef, _gather(params_shard, param_dims), *windows,
+                           context=context)
+        return lax.pmean(loss, mesh.axis_names)
+
+    spec = token_spec(mesh)
+    sharded = jax.shard_map(local_loss, mesh=mesh,
+                            in_specs=(param_specs, (spec, spec, spec if document_resets else None)),
+                            out_specs=P(), check_vma=False)
+    return jax.jit(lambda params, tokens: sharded(params, split_windows(tokens, document_resets)))
 
 
 # ------------------------------------------------------------------------------------------------

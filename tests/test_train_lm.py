@@ -201,8 +201,9 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
 
 
 def test_sharded_run_matches_single_device(full_run, tmp_path):
-    """4 simulated CPU devices, data parallel (4 x 1) and data x FSDP (2 x 2, with gradient
-    accumulation), follow the single-device trajectory of `full_run` over its first 4 steps."""
+    """4 simulated CPU devices, data parallel (4 x 1), data x FSDP (2 x 2, with gradient
+    accumulation) and data x context parallel (2 x 2: each sequence split in two blocks), follow
+    the single-device trajectory of `full_run` over its first 4 steps."""
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {EXAMPLES!r})
@@ -211,7 +212,8 @@ def test_sharded_run_matches_single_device(full_run, tmp_path):
         flags = {FAST!r} + ["--steps", "{STEPS}", "--eval-every", "4", "--stop-at", "4",
                             "--sample-tokens", "0"]
         out = {{}}
-        for name, extra in [("dp4", []), ("dp2_fsdp2", ["--fsdp", "2", "--grad-accum", "2"])]:
+        for name, extra in [("dp4", []), ("dp2_fsdp2", ["--fsdp", "2", "--grad-accum", "2"]),
+                            ("dp2_cp2", ["--context-parallel", "2"])]:
             s = train_lm.main(flags + ["--out-dir", {str(tmp_path)!r} + "/" + name] + extra)
             out[name] = dict(train=s["train"], val=s["val"])
         print("RESULT" + json.dumps(out))
@@ -224,6 +226,7 @@ def test_sharded_run_matches_single_device(full_run, tmp_path):
     result = json.loads(proc.stdout.split("RESULT")[-1])
     assert "devices: 4 ({'data': 4, 'fsdp': 1})" in proc.stdout
     assert "devices: 4 ({'data': 2, 'fsdp': 2})" in proc.stdout
+    assert "devices: 4 ({'data': 2, 'fsdp': 1, 'context': 2})" in proc.stdout
     _, single = full_run
     want = [r["loss"] for r in single["train"][:4]] + [r["loss"] for r in single["val"][:2]]
     for name, got in result.items():
@@ -264,6 +267,7 @@ def _bad_files(tmp_path):
     (["--batch-size", "8", "--grad-accum", "3"],
      r"--batch-size 8 is not divisible by --grad-accum 3"),
     (["--chunk-size", "24"], r"chunk_size: expected a power-of-two"),
+    (["--context-parallel", "3"], r"--seq-len 32 is not divisible by --context-parallel 3"),
     (["--devices", "64"], r"--devices 64: only \d+ cpu device"),
     (["--resume", "--out-dir", "{tmp}/run"], r"--resume: no checkpoint in"),
     (["--resume"], r"--resume: no run with a checkpoint in runs/lm/"),
@@ -275,7 +279,8 @@ def _bad_files(tmp_path):
     (["--out-dir", "{tmp}/short.txt"], r"--out-dir: '.*short.txt' is a file, not a directory"),
     (["--out-dir", "{tmp}/short.txt/run"], r"--out-dir: cannot create .*short.txt' is a file"),
 ], ids=["missing-path", "empty-file", "undecodable-file", "binary-file", "empty-dir", "too-short",
-        "heads-vs-width", "heads-vs-width-small", "seq-len-0", "accum", "chunk-size", "devices",
+        "heads-vs-width", "heads-vs-width-small", "seq-len-0", "accum", "chunk-size", "context-parallel",
+        "devices",
         "resume-nothing", "resume-no-runs", "temperature-nan", "lr-inf", "weight-decay-nan",
         "b2-1", "top-k-0", "out-dir-file", "out-dir-under-file"])
 def test_bad_input_fails_clearly_before_compiling(tmp_path, monkeypatch, compile_events, flags,

@@ -14,7 +14,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-from tfla_jax import backends, gates, ref
+from tfla_jax import backends, context, gates, ref
 from tfla_jax.state import MLSTMState
 
 XLA_IMPLEMENTATIONS = ("recurrent", "parallel", "chunkwise")
@@ -352,7 +352,7 @@ _mlstm_kernel.defvjp(_mlstm_kernel_fwd, _mlstm_kernel_bwd)
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None,
           return_state=False, scale=None, eps=1e-6, chunk_size=None, implementation=None,
-          interpret=None, config=None, segment_ids=None):
+          interpret=None, config=None, segment_ids=None, context_axis=None):
     """The mLSTM cell over a sequence (xLSTM matrix memory), layout (B, T, H, D).
 
     Args:
@@ -374,6 +374,11 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
         from the previous position's starts a new sequence from the zero state (only changes
         matter; ids need not be sorted or distinct across a row). initial_state applies to each
         row's first sequence, the final state is that of its last.
+      context_axis: context parallelism (docs/context_parallel.md). The name of a mesh axis of an
+        enclosing `jax.shard_map` over which T is split, device d of the axis holding the d-th
+        contiguous block of positions: every array here is that device's block (T local),
+        initial_state is replicated and enters the first block, the returned final state is the
+        state after the whole sequence, the same on every device. Moves O(K V) per head.
 
     Returns:
       (h, state): h (B, T, H, V) in v's dtype; state the final MLSTMState if return_state else None.
@@ -387,6 +392,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
     if initial_state is not None:
         _check_state("initial_state", initial_state, B, H, K, V)
     seg_start = _segment_starts(segment_ids, B, T)
+    context_size = None if context_axis is None else context.check_axis(context_axis)
     if implementation is not None and implementation not in implementations():
         raise ValueError(f"implementation: expected None or one of {implementations()}, "
                          f"got {implementation!r}")
@@ -405,20 +411,29 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", normalize=True, initial_state=None
     choice = _choose(implementation, config, chunk_size, call)
     scale = K ** -0.5 if scale is None else float(scale)
     opts = dict(input_gate=input_gate, normalize=normalize, scale=scale, eps=float(eps))
-    if choice.name == "recurrent":
-        h, state = _recurrent(q, k, v, i, f, initial_state=initial_state, seg_start=seg_start,
+
+    def run_block(q, k, v, i, f, initial_state, seg_start):
+        if choice.name == "recurrent":
+            return _recurrent(q, k, v, i, f, initial_state=initial_state, seg_start=seg_start,
                               **opts)
-    elif choice.name == "parallel":
-        h, state = _parallel(q, k, v, i, f, initial_state=initial_state, seg_start=seg_start,
+        if choice.name == "parallel":
+            return _parallel(q, k, v, i, f, initial_state=initial_state, seg_start=seg_start,
                              **opts)
-    elif choice.name == "chunkwise":
-        L = chunk_size or min(DEFAULT_CHUNK_SIZE_XLA, _next_pow2(T))
-        h, state = _chunkwise(q, k, v, i, f, initial_state=initial_state, chunk_size=L,
+        if choice.name == "chunkwise":
+            L = chunk_size or min(DEFAULT_CHUNK_SIZE_XLA, _next_pow2(T))
+            return _chunkwise(q, k, v, i, f, initial_state=initial_state, chunk_size=L,
                               seg_start=seg_start, **opts)
-    else:
         c0, n0, m0 = initial_state if initial_state is not None else (None, None, None)
         static = _KernelStatic(choice.name, choice.config, interpret=bool(interpret), **opts)
-        h, state = _kernel_path(q, k, v, i, f, c0, n0, m0, seg_start, static=static)
+        return _kernel_path(q, k, v, i, f, c0, n0, m0, seg_start, static=static)
+
+    if context_axis is None:
+        h, state = run_block(q, k, v, i, f, initial_state, seg_start)
+    else:
+        h, state = context.mlstm_context(
+            run_block, q, k, v, i, f, initial_state=initial_state, seg_start=seg_start,
+            segment_ids=segment_ids, input_gate=input_gate, return_state=return_state,
+            axis=context_axis, size=context_size)
     return h, (state if return_state else None)
 
 

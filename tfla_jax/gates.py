@@ -113,6 +113,35 @@ def segment_log_decay(F):
     return jnp.swapaxes(P, -1, -2)                                  # [..., t, s]
 
 
+def stabiliser_maps(F, logi, seg_start=None):
+    """The stabiliser as a map of the previous one, m_t = max(m + G_t, A_t), for every prefix of
+    the last axis (inclusive associative scan of x -> max(x + F, log i); no gradient).
+
+    A sequence start is the constant map x -> max(0 + F_t, log i_t) (the zero state's m = 0):
+    G = -inf from there on. A_t alone is the stabiliser of the writes, -inf where none reaches t.
+    """
+    F_m, A_m = F, logi
+    if seg_start is not None:
+        F_m = jnp.where(seg_start, -jnp.inf, F)
+        A_m = jnp.where(seg_start, jnp.maximum(F, logi), logi)
+    G, A = lax.associative_scan(_compose, (F_m, A_m), axis=-1)
+    return lax.stop_gradient(G), lax.stop_gradient(A)
+
+
+def write_log_weights(F, logi, reset):
+    """(a, cut): a_tau = sum_{tau<s<=end} F_s + log i_tau, the log weight of position tau's write
+    in the state at the end of the last axis (resets' F count as 0), and cut_tau: a reset after
+    tau (F <= RESET_LOG_F or a sequence start) removes that write. reset: bool like F.
+
+    A reverse sum of non-positive terms: no cancellation, unlike b_end - b_tau."""
+    ax = F.ndim - 1
+    cut = lax.cummax(reset.astype(jnp.int32), axis=ax, reverse=True) > 0
+    cut = jnp.concatenate([cut[..., 1:], jnp.zeros_like(reset[..., :1])], -1)
+    F_seg = jnp.where(reset, 0.0, F)
+    F_after = jnp.concatenate([F_seg[..., 1:], jnp.zeros_like(F[..., :1])], axis=-1)
+    return lax.cumsum(F_after, axis=ax, reverse=True) + logi, cut
+
+
 class ChunkGates(NamedTuple):
     """Per-position gate vectors of the chunkwise form (see the module docstring), over T = NC L.
 
@@ -149,20 +178,13 @@ def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float, seg_start=None) ->
     idx = lax.broadcasted_iota(jnp.int32, F.shape, F.ndim - 1)
     start = lax.cummax(jnp.where(reset, idx, 0), axis=F.ndim - 1)
     reset_before = lax.cummax(reset.astype(jnp.int32), axis=F.ndim - 1) > 0      # some r <= tau
-    reset_after = lax.cummax(reset.astype(jnp.int32), axis=F.ndim - 1, reverse=True) > 0
-    reset_after = jnp.concatenate([reset_after[..., 1:], jnp.zeros_like(reset[..., :1])], -1)
     F_seg = jnp.where(reset, 0.0, F)                      # keeps |bh| <= L 2^12: lo resolves it
     bh, bl = compensated_cumsum(F_seg)
     g = bh[..., -1] + bl[..., -1]                                   # [..., NC]
-    F_after = jnp.concatenate([F_seg[..., 1:], jnp.zeros_like(F[..., :1])], axis=-1)
-    a = lax.cumsum(F_after, axis=F.ndim - 1, reverse=True) + logi   # same-sign sums: accurate
+    a, reset_after = write_log_weights(F, logi, reset)
     log_scale = jnp.log(jnp.asarray(scale, F.dtype))
     if exp_gate:
-        F_m, A_m = F, logi
-        if seg_start is not None:   # x -> max(0 + F_t, log i_t) at a start (constant in x)
-            F_m = jnp.where(seg_start, -jnp.inf, F)
-            A_m = jnp.where(seg_start, jnp.maximum(F, logi), logi)
-        G, A = lax.associative_scan(_compose, (F_m, A_m), axis=-1)  # max_s (b_tau-b_s+logi_s)
+        G, A = stabiliser_maps(F, logi, seg_start)                  # max_s (b_tau-b_s+logi_s)
         G = jnp.sum(F, -1) if seg_start is None else G[..., -1]    # -inf: a start in the chunk
         G, A = lax.stop_gradient(G), lax.stop_gradient(A)
         G, M = lax.associative_scan(_compose, (G, A[..., -1]), axis=-1)

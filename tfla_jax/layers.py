@@ -510,10 +510,11 @@ class mLSTMLayer(nnx.Module):  # noqa: N801
         return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h))
 
     def __call__(self, x: jax.Array, state: MLSTMState | None = None, *,
-                 return_state: bool = False,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, MLSTMState | None]:
+                 return_state: bool = False, segment_ids: jax.Array | None = None,
+                 context_axis: str | None = None) -> tuple[jax.Array, MLSTMState | None]:
         """x (B, T, d); state: optional initial MLSTMState (c (B,H,K,V), n (B,H,K), m (B,H));
-        segment_ids: optional (B, T) integers of packed sequences (`tfla_jax.mlstm`).
+        segment_ids: optional (B, T) integers of packed sequences (`tfla_jax.mlstm`);
+        context_axis: inside shard_map, the mesh axis T is split over (`tfla_jax.mlstm`).
 
         Returns (y (B, T, d) in config.dtype, final MLSTMState float32 if return_state else None).
         """
@@ -522,7 +523,7 @@ class mLSTMLayer(nnx.Module):  # noqa: N801
         h, state = api.mlstm(q, k, v, i, f, initial_state=state, return_state=return_state,
                              eps=cfg.eps, chunk_size=cfg.chunk_size,
                              implementation=cfg.mlstm_implementation, segment_ids=segment_ids,
-                             interpret=cfg.interpret or None)
+                             interpret=cfg.interpret or None, context_axis=context_axis)
         return self._output(h, o), state
 
     def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
@@ -559,12 +560,12 @@ class mLSTMBlock(nnx.Module):  # noqa: N801
         self.ffn = FeedForward(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, state: MLSTMState | None = None, *,
-                 return_state: bool = False,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, MLSTMState | None]:
+                 return_state: bool = False, segment_ids: jax.Array | None = None,
+                 context_axis: str | None = None) -> tuple[jax.Array, MLSTMState | None]:
         """x (B, T, d) -> (x (B, T, d), final MLSTMState or None); as `mLSTMLayer.__call__`.
         Only the mLSTM mixes positions (norms and the FFN act per position)."""
         h, state = self.mlstm_layer(self.norm_mlstm(x), state, return_state=return_state,
-                                    segment_ids=segment_ids)
+                                    segment_ids=segment_ids, context_axis=context_axis)
         x = x + h
         return x + self.ffn(self.norm_ffn(x)), state
 
@@ -645,13 +646,15 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         _check_token_range("tokens", tokens, self.config.vocab_size)
         return tokens
 
-    def _run_blocks(self, x, state, *, step: bool, return_state: bool, segment_ids=None):
+    def _run_blocks(self, x, state, *, step: bool, return_state: bool, segment_ids=None,
+                    context_axis=None):
         cfg = self.config
 
         def apply(block, x, s):
             if step:
                 return block.step(x, s)
-            return block(x, s, return_state=return_state, segment_ids=segment_ids)
+            return block(x, s, return_state=return_state, segment_ids=segment_ids,
+                         context_axis=context_axis)
 
         if cfg.remat and not step:
             apply = nnx.remat(apply, prevent_cse=not cfg.scan_blocks)
@@ -675,8 +678,8 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         return soft_cap(logits, self.config.output_logit_soft_cap)
 
     def __call__(self, tokens: jax.Array, state: MLSTMState | None = None, *,
-                 return_state: bool = False,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, MLSTMState | None]:
+                 return_state: bool = False, segment_ids: jax.Array | None = None,
+                 context_axis: str | None = None) -> tuple[jax.Array, MLSTMState | None]:
         """Forward over a sequence (training, scoring, prefill).
 
         Args:
@@ -690,6 +693,9 @@ class xLSTMLM(nnx.Module):  # noqa: N801
           segment_ids: optional (B, T) integers of packed documents: where the id changes, every
             block's state restarts from zero (`tfla_jax.mlstm`); `state` applies to each row's
             first document, the returned state is that of its last.
+          context_axis: context parallelism: inside `jax.shard_map`, the mesh axis that T (of
+            tokens, segment_ids) is split over, device d holding the d-th block of positions
+            (`tfla_jax.mlstm`); logits are those of the local block.
         Returns:
           (logits (B, T, vocab_size) float32 soft-capped, final MLSTMState or None).
         """
@@ -697,7 +703,7 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         self._check_state(state, tokens.shape[0])
         x = self.embeddings(tokens)
         x, state = self._run_blocks(x, state, step=False, return_state=return_state,
-                                    segment_ids=segment_ids)
+                                    segment_ids=segment_ids, context_axis=context_axis)
         return self._logits(x), state
 
     def step(self, tokens: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
