@@ -128,6 +128,22 @@ def test_kernel_backend_declines_with_a_reason(inputs):
         mlstm(q, k, v, i, f, implementation="pallas_triton", config=object(), interpret=True)
 
 
+@pytest.mark.parametrize("device, K, V, dtype, want", [
+    ("NVIDIA H200", 256, 512, jnp.bfloat16, "pallas_mosaic_gpu"),
+    ("NVIDIA H100 80GB HBM3", 256, 256, jnp.float16, "pallas_mosaic_gpu"),
+    ("NVIDIA H200", 128, 128, jnp.bfloat16, "pallas_triton"),    # measured faster there
+    ("NVIDIA H200", 256, 512, jnp.float32, "pallas_triton"),     # Mosaic declines fp32
+    ("NVIDIA H200", 512, 512, jnp.bfloat16, "pallas_triton"),    # and K > 256
+    ("NVIDIA A100-SXM4-80GB", 256, 512, jnp.bfloat16, "pallas_triton"),   # not Hopper
+])
+def test_the_choice_on_gpus(device, K, V, dtype, want):
+    from tfla_jax import api, backends
+    call = backends.Call(B=8, T=8192, H=8, K=K, V=V, dtype=jnp.dtype(dtype), input_gate="exp",
+                         normalize=True, platform="gpu", device_kind=device, interpret=False)
+    for implementation in (None, "pallas"):
+        assert api._choose(implementation, None, None, call).name == want
+
+
 def test_config_is_validated_at_construction():
     for field, bad in (("chunk_size", 48), ("block_q", 8), ("num_warps", 3), ("num_stages", 0),
                        ("bwd_block_k_out", 96), ("keep_states", 1)):

@@ -181,7 +181,7 @@ def _choose(implementation, config, chunk_size, call: backends.Call) -> _Choice:
     if implementation is None and not (call.platform == "gpu" or call.interpret):
         return _Choice(None, "chunkwise", None)  # a kernel config is moot where kernels cannot run
     if implementation in (None, "pallas"):
-        candidates = backends.kernel_backends()
+        candidates = sorted(backends.kernel_backends(), key=lambda b: b.rank(call))
     else:
         candidates = [backends.get_backend(implementation)]
     reasons = []

@@ -103,6 +103,11 @@ class Backend(abc.ABC):
     # Whether the CPU test suite runs it interpreted in float32 (else only compiled, `--gpu`).
     interpretable: bool = True
 
+    def rank(self, call: Call) -> int:
+        """Preference for this call among the backends that run it (lower first): speed_rank
+        unless measurements say otherwise for some shapes."""
+        return self.speed_rank
+
     @abc.abstractmethod
     def default_config(self, call: Call, chunk_size: int | None = None):
         """The measured default config for this call (chunk_size overrides L when given)."""
