@@ -271,8 +271,8 @@ def train_memory(preset, batch, seq_len, remat=None, loss_chunk=None) -> dict:
 
     flags = ["--preset", preset, "--batch-size", str(batch), "--seq-len", str(seq_len),
              "--dtype", "bfloat16", "--max-corpus-bytes", "2000000", "--out-dir", "/tmp/hlo_cost"]
-    if remat is not None:
-        flags += ["--remat", remat]
+    if remat:
+        flags.append("--remat")
     if loss_chunk is not None:
         flags += ["--loss-chunk", str(loss_chunk)]
     run = train_lm.setup(train_lm.build_parser().parse_args(flags))
@@ -300,7 +300,7 @@ def main(argv=None):
     p.add_argument("--preset", default="medium")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--remat", help="train: train_lm --remat policy")
+    p.add_argument("--remat", action="store_true", help="train: train_lm --remat")
     p.add_argument("--loss-chunk", type=int, help="train: train_lm --loss-chunk")
     args = p.parse_args(argv)
     if args.what == "decode":

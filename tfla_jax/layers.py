@@ -60,7 +60,7 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
     """xLSTM language-model hyper-parameters. Field names follow the Hugging Face xLSTM config.
 
     The defaults are xLSTM 7B's architecture; use a preset: `xLSTMConfig.xlstm_7b()`, `tiny()`
-    (tests, CPU), `small()` / `medium()` (GPU demos). Every preset takes field overrides, e.g.
+    (tests, CPU), `small()` / `medium()` / `large()` (GPU demos). Every preset takes field overrides, e.g.
     `xLSTMConfig.small(vocab_size=256, scan_blocks=True)`.
 
     Architecture (HF names):
@@ -249,6 +249,14 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
         """~407M parameters with the 50304 vocabulary: d 1024, 24 blocks, 4 heads (K 128, V 256);
         bf16 compute, blocks scanned. A larger single-GPU demo."""
         kw = dict(embedding_dim=1024, num_heads=4, num_blocks=24, dtype=jnp.bfloat16,
+                  scan_blocks=True)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def large(cls, **overrides) -> xLSTMConfig:
+        """~1.4B parameters with the 50304 vocabulary (1.21B without embeddings): d 2048, 24
+        blocks, 4 heads (K 256, V 512, the 7B's head dims); bf16 compute, blocks scanned."""
+        kw = dict(embedding_dim=2048, num_heads=4, num_blocks=24, dtype=jnp.bfloat16,
                   scan_blocks=True)
         return cls(**{**kw, **overrides})
 
@@ -687,6 +695,34 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         logits = self.lm_head(self.out_norm(x)).astype(jnp.float32)
         return soft_cap(logits, self.config.output_logit_soft_cap)
 
+    def loss(self, tokens: jax.Array, targets: jax.Array, *, chunk: int | None = None,
+             segment_ids: jax.Array | None = None,
+             context_axis: str | None = None) -> jax.Array:
+        """Mean next-token cross-entropy (nats) of targets (B, T) given tokens (B, T); the
+        arguments as in `__call__`. With `chunk` (a divisor of T) the logits are formed and
+        reduced chunk positions at a time in a rematerialised `lax.scan`: (B, chunk, vocab)
+        float32 at once, never (B, T, vocab); equal to the full form up to float32 rounding."""
+        tokens = self._check_tokens(tokens, 2)
+        x = self.embeddings(tokens)
+        x, _ = self._run_blocks(x, None, step=False, return_state=False,
+                                segment_ids=segment_ids, context_axis=context_axis)
+        B, T = targets.shape
+        if chunk is None or chunk >= T:
+            return _cross_entropy(self._logits(x), targets).sum() / (B * T)
+        if T % chunk:
+            raise ValueError(f"loss: chunk {chunk} does not divide T = {T}")
+
+        @jax.checkpoint
+        def chunk_loss(x, y):                                    # (B, chunk, d), (B, chunk)
+            return _cross_entropy(self._logits(x), y).sum()
+
+        def body(total, xy):
+            return total + chunk_loss(*xy), None
+
+        split = lambda a: jnp.moveaxis(a.reshape(B, T // chunk, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+        total, _ = lax.scan(body, jnp.zeros((), jnp.float32), (split(x), split(targets)))
+        return total / (B * T)
+
     def __call__(self, tokens: jax.Array, state: MLSTMState | None = None, *,
                  return_state: bool = False, segment_ids: jax.Array | None = None,
                  context_axis: str | None = None) -> tuple[jax.Array, MLSTMState | None]:
@@ -732,6 +768,12 @@ class xLSTMLM(nnx.Module):  # noqa: N801
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
+
+
+def _cross_entropy(logits, targets):
+    """-log softmax(logits)[target] per position: logits (..., vocab) float32, targets (...)."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax.Array = 1.0,
