@@ -530,7 +530,7 @@ def test_chunked_loss_equals_full_logits_loss(tensors):
         for (loss, grads), (want_loss, want_grads) in zip(got, want):
             np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
             for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-                assert_close(g, w, 1e-5, f"gradient (chunk {chunk})")
+                assert_close(g, w, 1e-4, f"gradient (chunk {chunk})")
     with pytest.raises(ValueError, match="divide"):
         model_from_tensors(FAST, tensors).loss(inputs, targets, chunk=5)
 
