@@ -13,7 +13,8 @@ the mLSTM cell (train_lm.model_flops_per_token: chunk states k v^T and read-out 
 and head forward, plus the causal, attention-like q k^T and (q k^T) v inside chunks of length L,
 L (K + V)); backward counted as twice the forward. peak: the dense bf16 matrix-product rate
 measured on the machine kind (common.PEAKS: H200 790, H100 800 TFLOP/s; --peak-tflops to change).
-Peak memory: the allocator's lifetime peak on device 0 after the timed steps.
+Peak memory: the allocator's lifetime peak on device 0 after the timed steps (of the process: run
+the presets smallest first), and XLA's compiled memory analysis of the step.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_train.py --out $OUT
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_train.py --presets small \
@@ -39,7 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # Per preset: (sequences per step, sequence length); about 64K / 32K tokens per step.
-SHAPES = {"tiny": (16, 256), "small": (32, 2048), "medium": (16, 2048)}
+SHAPES = {"tiny": (16, 256), "small": (32, 2048), "medium": (16, 2048), "large": (16, 2048)}
+# Presets that run with --remat whatever the flag says (without, the activations of the ~1.2B
+# model at 32K tokens per step exceed the H200's 141 GB).
+REMAT = ("large",)
 
 
 COLUMNS = [("preset", "preset", "{}"), ("implementation", "mLSTM implementation", "{}"),
@@ -47,6 +51,7 @@ COLUMNS = [("preset", "preset", "{}"), ("implementation", "mLSTM implementation"
            ("seq_len", "seq", "{}"), ("chunk", "L", "{}"), ("step_ms", "step ms", "{:.1f}"),
            ("tokens_per_s", "tokens/s", "{:,.0f}"), ("model_tflops", "model TFLOP/s", "{:.1f}"),
            ("mfu", "MFU", "{:.1%}"), ("peak_mem_gb", "peak mem GB", "{:.1f}"),
+           ("compiled_mem_gb", "compiled GB", "{:.1f}"), ("remat", "remat", "{}"),
            ("compile_s", "compile s", "{:.0f}"), ("error", "error", "{:.120}")]
 
 
@@ -66,18 +71,25 @@ def bench_one(preset, impl, args):
              "--seq-len", str(seq_len), "--grad-accum", str(args.grad_accum),
              "--steps", str(args.warmup + args.steps), "--warmup-steps", "2",
              "--max-corpus-bytes", "8000000", "--out-dir", "/tmp/bench_train_unused"]
-    if args.remat:
+    if args.remat or preset in REMAT:
         flags.append("--remat")
+    if args.loss_chunk:
+        flags += ["--loss-chunk", str(args.loss_chunk)]
     if args.dtype:
         flags += ["--dtype", args.dtype]
     run = train_lm.setup(train_lm.build_parser().parse_args(flags))
     cfg = run.cfg
     state = run.init_state()
     step_fn = train_lm.make_train_step(run.graphdef, run.tx, run.schedule, run.mesh,
-                                       run.param_dims, run.param_specs, run.state_shardings)
+                                       run.param_dims, run.param_specs, run.state_shardings,
+                                       **train_lm.step_options(run.args))
     t0 = time.perf_counter()
     step_fn = step_fn.lower(state, run.batch()).compile()
     compile_s = time.perf_counter() - t0
+    analysis = step_fn.memory_analysis()
+    compiled_mem = None if analysis is None else (
+        analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
     losses = []
     for _ in range(args.warmup):
         state, m = step_fn(state, run.batch())
@@ -99,18 +111,20 @@ def bench_one(preset, impl, args):
         implementation=impl, dtype=cfg.dtype.name, params_m=cfg.num_params / 1e6,
         d=cfg.embedding_dim, blocks=cfg.num_blocks, heads=cfg.num_heads, K=cfg.qk_head_dim,
         V=cfg.v_head_dim, chunk=L, batch=batch, seq_len=seq_len, grad_accum=args.grad_accum,
-        remat=args.remat, steps_timed=args.steps, compile_s=compile_s,
+        remat=run.args.remat, loss_chunk=args.loss_chunk, steps_timed=args.steps, compile_s=compile_s,
         step_ms=seconds / args.steps * 1e3, tokens_per_s=tokens_per_s,
         flops_per_token=flops_per_token, model_tflops=tokens_per_s * flops_per_token / 1e12,
         mfu=tokens_per_s * flops_per_token / args.peak_flops,
         peak_tflops=args.peak_flops / 1e12, loss_first=losses[0], loss_last=losses[-1],
         losses_finite=bool(np.all(np.isfinite(losses))),
-        peak_mem_gb=None if mem is None else mem / 1e9)
+        peak_mem_gb=None if mem is None else mem / 1e9,
+        compiled_mem_gb=None if compiled_mem is None else compiled_mem / 1e9)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="small,medium")
+    p.add_argument("--presets", default="small,medium",
+                   help="of tiny, small, medium, large (~1.2B; always with --remat)")
     p.add_argument("--implementations", default="pallas,chunkwise",
                    help="comma-separated tfla_jax.mlstm implementations")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -119,6 +133,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, help="override the per-preset sequence length")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--loss-chunk", type=int, default=0, help="train_lm --loss-chunk")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: train_lm's auto")
     p.add_argument("--peak-tflops", type=float, help="default: common.PEAKS by device")
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on CPU")

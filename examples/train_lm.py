@@ -54,7 +54,7 @@ import lm_data  # noqa: E402
 import tfla_jax  # noqa: E402
 from tfla_jax.layers import generate, xLSTMConfig, xLSTMLM  # noqa: E402
 
-PRESETS = ("tiny", "small", "medium")  # xLSTMConfig presets, here with the 256-byte vocabulary
+PRESETS = ("tiny", "small", "medium", "large")  # xLSTMConfig presets, here with the 256-byte vocabulary
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both mesh axes; FSDP shards over "fsdp"
 CONTEXT_AXIS = "context"  # --context-parallel N > 1: each sequence is split over this axis
 LN2 = math.log(2.0)
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mLSTM state restarts at every document: segment_ids)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=PRESETS, default="tiny",
-                   help="xLSTMConfig preset: tiny (CPU), small / medium (GPU)")
+                   help="xLSTMConfig preset: tiny (CPU), small / medium / large (~1.2B, GPU)")
     g.add_argument("--embedding-dim", type=int, help="override the preset's width")
     g.add_argument("--num-blocks", type=int, help="override the preset's depth")
     g.add_argument("--num-heads", type=int, help="override the preset's mLSTM heads")
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("auto", *tfla_jax.implementations()),
                    help="tfla_jax.mlstm implementation; auto: the fastest kernel backend on GPU, "
                         "chunkwise else")
+    g.add_argument("--loss-chunk", type=int, default=0, metavar="POSITIONS",
+                   help="form the logits and the loss this many positions at a time "
+                        "(rematerialised; xLSTMLM.loss): the (B, T, vocab) float32 logits never "
+                        "exist at once; 0: all positions (a divisor of --seq-len)")
     g.add_argument("--remat", action="store_true",
                    help="recompute each block in the backward pass (less activation memory)")
     g = p.add_argument_group("optimizer")
@@ -182,6 +186,10 @@ def validate_args(args) -> None:
     positive("warmup_steps", args.warmup_steps, 0)
     positive("sample_tokens", args.sample_tokens, 0)
     positive("devices", args.devices, 0)
+    positive("loss_chunk", args.loss_chunk, 0)
+    if args.loss_chunk and args.seq_len % args.loss_chunk:
+        raise UsageError(f"--loss-chunk {args.loss_chunk} does not divide --seq-len "
+                         f"{args.seq_len}")
 
     def number(name, low, high=math.inf, low_open=False, high_open=False):
         """A finite float flag in [low, high] (either end open); NaN and inf fail every check."""
@@ -361,13 +369,13 @@ def split_windows(tokens, document_resets=True):
     return inputs, tokens[..., 1:], document_ids(inputs) if document_resets else None
 
 
-def window_loss(graphdef, params, inputs, targets, ids=None, context=None):
+def window_loss(graphdef, params, inputs, targets, ids=None, context=None, loss_chunk=None):
     """Mean next-byte cross-entropy (nats) over these positions. inputs, targets, ids [b, T]
     (ids: packed documents, each read on its own; None: one continuous text). context: the mesh
-    axis T is split over (inside shard_map), or None."""
+    axis T is split over (inside shard_map), or None. loss_chunk: `xLSTMLM.loss`'s chunk."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(inputs, segment_ids=ids, context_axis=context)  # [b, T, 256] float32
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return model.loss(inputs, targets, chunk=loss_chunk or None, segment_ids=ids,
+                      context_axis=context)
 
 
 def loss_fn(graphdef, params, tokens, document_resets=True):
@@ -395,8 +403,14 @@ def _average_grads(grads, dims, count: int, axes=BATCH_AXES):
     return jax.tree.map(reduce, grads, dims)
 
 
+def step_options(args) -> dict:
+    """make_train_step's keyword options from the flags."""
+    return dict(nan_at_step=args.nan_at_step, document_resets=not args.no_document_resets,
+                loss_chunk=args.loss_chunk or None)
+
+
 def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state_shardings,
-                    nan_at_step=-1, document_resets=True):
+                    nan_at_step=-1, document_resets=True, loss_chunk=None):
     """The jit-compiled step: (state, tokens [accum, micro, T + 1]) -> (state, metrics).
     Every device holds as many positions, so the mean over devices is the global mean."""
     num_devices = mesh.size
@@ -406,7 +420,8 @@ def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state
         params = _gather(params_shard, param_dims)
 
         def micro_batch(carry, xs):  # gradient accumulation: one micro-batch per scan step
-            loss_of = functools.partial(window_loss, graphdef, context=context)
+            loss_of = functools.partial(window_loss, graphdef, context=context,
+                                        loss_chunk=loss_chunk)
             loss, grads = jax.value_and_grad(loss_of)(params, *xs)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
@@ -439,13 +454,14 @@ def make_train_step(graphdef, tx, schedule, mesh, param_dims, param_specs, state
     return train_step
 
 
-def make_eval_step(graphdef, mesh, param_dims, param_specs, document_resets=True):
+def make_eval_step(graphdef, mesh, param_dims, param_specs, document_resets=True,
+                   loss_chunk=None):
     """The jit-compiled validation loss (nats per byte) of one batch [b, T + 1]."""
     context = context_axis(mesh)
 
     def local_loss(params_shard, windows):
         loss = window_loss(graphdef, _gather(params_shard, param_dims), *windows,
-                           context=context)
+                           context=context, loss_chunk=loss_chunk)
         return lax.pmean(loss, mesh.axis_names)
 
     spec = token_spec(mesh)
@@ -878,10 +894,9 @@ def main(argv=None) -> dict:
 
     resets = not args.no_document_resets
     train_step = make_train_step(run.graphdef, run.tx, run.schedule, run.mesh, run.param_dims,
-                                 run.param_specs, run.state_shardings, args.nan_at_step,
-                                 document_resets=resets)
+                                 run.param_specs, run.state_shardings, **step_options(args))
     eval_step = make_eval_step(run.graphdef, run.mesh, run.param_dims, run.param_specs,
-                               document_resets=resets)
+                               document_resets=resets, loss_chunk=args.loss_chunk or None)
     val_batches = [jax.device_put(w, NamedSharding(run.mesh, P(BATCH_AXES)))
                    for w in run.val_windows]
     first_batch = None

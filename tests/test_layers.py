@@ -502,6 +502,39 @@ def test_jit_train_step_learns(tensors):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1, losses
 
 
+def test_chunked_loss_equals_full_logits_loss(tensors):
+    """xLSTMLM.loss with chunk (logits formed a chunk at a time, rematerialised) trains exactly
+    as optax's cross-entropy of the full logits did: losses and gradients over 3 Adam steps."""
+    tok = tokens_for(FAST, (B, 13))
+    inputs, targets = tok[:, :-1], tok[:, 1:]                # T = 12
+
+    def full(model):
+        logits, _ = model(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def run(loss_of):
+        model = model_from_tensors(FAST, tensors)
+        optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer):
+            loss, grads = nnx.value_and_grad(loss_of)(model)
+            optimizer.update(model, grads)
+            return loss, grads
+
+        return [step(model, optimizer) for _ in range(3)]
+
+    want = run(full)
+    for chunk in (None, 4):
+        got = run(lambda m, chunk=chunk: m.loss(inputs, targets, chunk=chunk))
+        for (loss, grads), (want_loss, want_grads) in zip(got, want):
+            np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+            for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+                assert_close(g, w, 1e-4, f"gradient (chunk {chunk})")
+    with pytest.raises(ValueError, match="divide"):
+        model_from_tensors(FAST, tensors).loss(inputs, targets, chunk=5)
+
+
 # ---------------------------------------------------------------------------------------------
 # State and generation
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +680,31 @@ def test_packed_documents_equal_each_document_alone(tensors, cfg):
     parts = [forward(model, tokens[:, a:b]) for a, b in bounds]
     assert_close(logits, jnp.concatenate([p[0] for p in parts], 1), 1e-5, "logits")
     assert_states_close(state, parts[-1][1], "final state")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_generate_with_scanned_blocks_equals_step_by_step(tensors, dtype):
+    """The decode loop's per-block, pre-cast weights (`_decode_form`) give exactly the tokens of
+    `model.step` on the stacked float32 parameters, and the same state (to the dtype's rounding)."""
+    cfg = dataclasses.replace(FAST, scan_blocks=True, dtype=dtype)
+    model = model_from_tensors(cfg, tensors)
+    prompt, n = tokens_for(cfg, (B, 5)), 4
+    tokens, state = generate(model, prompt, n, return_state=True)
+
+    @nnx.jit
+    def decode(model, tok, state):
+        return model.step(tok, state)
+
+    logits, want_state = forward(model, prompt)
+    want = [jnp.argmax(logits[:, -1], -1)]
+    for _ in range(n - 1):
+        logits, want_state = decode(model, want[-1], want_state)
+        want.append(jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(tokens, jnp.stack(want, 1))
+    # bf16: two compiled programs may round intermediates differently (XLA's fusion choices).
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    for x, y, name in zip(unstabilised(state), unstabilised(want_state), ("C", "n")):
+        assert_close(x, y, tol, f"generate state {name}")
 
 
 def test_generate_prompts_of_different_lengths(tensors):

@@ -60,7 +60,7 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
     """xLSTM language-model hyper-parameters. Field names follow the Hugging Face xLSTM config.
 
     The defaults are xLSTM 7B's architecture; use a preset: `xLSTMConfig.xlstm_7b()`, `tiny()`
-    (tests, CPU), `small()` / `medium()` (GPU demos). Every preset takes field overrides, e.g.
+    (tests, CPU), `small()` / `medium()` / `large()` (GPU demos). Every preset takes field overrides, e.g.
     `xLSTMConfig.small(vocab_size=256, scan_blocks=True)`.
 
     Architecture (HF names):
@@ -249,6 +249,14 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
         """~407M parameters with the 50304 vocabulary: d 1024, 24 blocks, 4 heads (K 128, V 256);
         bf16 compute, blocks scanned. A larger single-GPU demo."""
         kw = dict(embedding_dim=1024, num_heads=4, num_blocks=24, dtype=jnp.bfloat16,
+                  scan_blocks=True)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def large(cls, **overrides) -> xLSTMConfig:
+        """~1.4B parameters with the 50304 vocabulary (1.21B without embeddings): d 2048, 24
+        blocks, 4 heads (K 256, V 512, the 7B's head dims); bf16 compute, blocks scanned."""
+        kw = dict(embedding_dim=2048, num_heads=4, num_blocks=24, dtype=jnp.bfloat16,
                   scan_blocks=True)
         return cls(**{**kw, **overrides})
 
@@ -673,9 +681,47 @@ class xLSTMLM(nnx.Module):  # noqa: N801
             return x, None
         return x, jax.tree.map(lambda *a: jnp.stack(a), *states)
 
+    def _step_per_block(self, tokens, states):
+        """`step` on a model with a list of blocks (`_decode_form`) and a list of per-block states:
+        no slicing or stacking of stacked arrays. tokens (B,) -> (logits (B, vocab), states)."""
+        x = self.embeddings(tokens)
+        new = []
+        for block, s in zip(self.blocks, states, strict=True):
+            x, s = block.step(x, s)
+            new.append(s)
+        return self._logits(x), new
+
     def _logits(self, x):
         logits = self.lm_head(self.out_norm(x)).astype(jnp.float32)
         return soft_cap(logits, self.config.output_logit_soft_cap)
+
+    def loss(self, tokens: jax.Array, targets: jax.Array, *, chunk: int | None = None,
+             segment_ids: jax.Array | None = None,
+             context_axis: str | None = None) -> jax.Array:
+        """Mean next-token cross-entropy (nats) of targets (B, T) given tokens (B, T); the
+        arguments as in `__call__`. With `chunk` (a divisor of T) the logits are formed and
+        reduced chunk positions at a time in a rematerialised `lax.scan`: (B, chunk, vocab)
+        float32 at once, never (B, T, vocab); equal to the full form up to float32 rounding."""
+        tokens = self._check_tokens(tokens, 2)
+        x = self.embeddings(tokens)
+        x, _ = self._run_blocks(x, None, step=False, return_state=False,
+                                segment_ids=segment_ids, context_axis=context_axis)
+        B, T = targets.shape
+        if chunk is None or chunk >= T:
+            return _cross_entropy(self._logits(x), targets).sum() / (B * T)
+        if T % chunk:
+            raise ValueError(f"loss: chunk {chunk} does not divide T = {T}")
+
+        @jax.checkpoint
+        def chunk_loss(x, y):                                    # (B, chunk, d), (B, chunk)
+            return _cross_entropy(self._logits(x), y).sum()
+
+        def body(total, xy):
+            return total + chunk_loss(*xy), None
+
+        split = lambda a: jnp.moveaxis(a.reshape(B, T // chunk, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+        total, _ = lax.scan(body, jnp.zeros((), jnp.float32), (split(x), split(targets)))
+        return total / (B * T)
 
     def __call__(self, tokens: jax.Array, state: MLSTMState | None = None, *,
                  return_state: bool = False, segment_ids: jax.Array | None = None,
@@ -724,6 +770,12 @@ class xLSTMLM(nnx.Module):  # noqa: N801
 # --------------------------------------------------------------------------------------------
 
 
+def _cross_entropy(logits, targets):
+    """-log softmax(logits)[target] per position: logits (..., vocab) float32, targets (...)."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax.Array = 1.0,
                   top_k: int | None = None, greedy: bool | jax.Array = False) -> jax.Array:
     """Next tokens from logits (B, vocab): argmax where greedy, else a sample of
@@ -741,6 +793,28 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax
     return jnp.where(greedy, best, drawn)
 
 
+def _decode_form(model: xLSTMLM) -> xLSTMLM:
+    """The model as the decode loop runs it (inside jit; the same values, the same results):
+    the blocks as a list (stacked parameters sliced once here, not by every step: inside the
+    token loop a slice of a stacked weight is a copy of it, 3x the weight bytes per step) and
+    every matmul weight already in its layer's compute dtype (not cast by every step).
+    With `scan_blocks` this holds a second copy of the blocks' parameters while `generate` runs."""
+    model = nnx.merge(*nnx.split(model))                      # a copy: the caller's is unchanged
+    cfg = model.config
+    if cfg.scan_blocks:
+        graphdef, stacked = nnx.split(model.blocks)
+        model.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+                                 for i in range(cfg.num_blocks)])
+        model.config = dataclasses.replace(cfg, scan_blocks=False)
+    for _, module in nnx.iter_graph(model):
+        # Both modules cast these to `dtype` at every call (promote_dtype): casting once is equal.
+        if isinstance(module, nnx.Linear) and module.dtype is not None:
+            module.kernel.value = module.kernel.value.astype(module.dtype)
+        elif isinstance(module, nnx.Embed) and module.dtype is not None:
+            module.embedding.value = module.embedding.value.astype(module.dtype)
+    return model
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
 def _generate(graphdef, variables, prompt, segment_ids, key, temperature, greedy, eos, *,
               max_new_tokens, top_k):
@@ -751,17 +825,20 @@ def _generate(graphdef, variables, prompt, segment_ids, key, temperature, greedy
     logits, state = model(prompt, return_state=True, segment_ids=segment_ids)   # prefill
     first = sample(logits[:, -1], keys[0])
     done = (eos >= 0) & (first == eos)
+    decode_graphdef, decode_variables = nnx.split(_decode_form(model))
+    states = [jax.tree.map(lambda a, b=b: a[b], state) for b in range(model.config.num_blocks)]
 
     def decode(carry, key):
         # The variables ride in the carry (unchanged) so that the module is merged from values of
-        # this trace level: nnx transforms inside `step` (scan over blocks) require it.
-        variables, token, state, done = carry
-        logits, state = nnx.merge(graphdef, variables).step(token, state)
+        # this trace level; the state rides as one MLSTMState per block (updated in place).
+        variables, token, states, done = carry
+        logits, states = nnx.merge(decode_graphdef, variables)._step_per_block(token, states)
         token = jnp.where(done, eos, sample(logits, key))
         done = done | ((eos >= 0) & (token == eos))
-        return (variables, token, state, done), token
+        return (variables, token, states, done), token
 
-    (_, _, state, _), rest = lax.scan(decode, (variables, first, state, done), keys[1:])
+    (_, _, states, _), rest = lax.scan(decode, (decode_variables, first, states, done), keys[1:])
+    state = jax.tree.map(lambda *a: jnp.stack(a), *states)
     return jnp.concatenate([first[:, None], rest.T], axis=1), state
 
 
@@ -770,7 +847,9 @@ def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperat
              eos_token_id: int | None = None, return_state: bool = False,
              prompt_lengths: jax.Array | None = None):
     """Autoregressive generation: prefill the prompt through the sequence path (the TFLA kernels),
-    then a jit-compiled `lax.scan` of `mlstm_step` decode steps.
+    then a `lax.scan` of `mlstm_step` decode steps, all in one compiled program. The decode loop
+    runs the blocks unrolled on per-block weights already in the compute dtype (`_decode_form`):
+    a model with `scan_blocks` holds a second copy of its block weights meanwhile.
 
     Args:
       model: an xLSTMLM.
