@@ -504,7 +504,8 @@ def test_jit_train_step_learns(tensors):
 
 def test_chunked_loss_equals_full_logits_loss(tensors):
     """xLSTMLM.loss with chunk (logits formed a chunk at a time, rematerialised) trains exactly
-    as optax's cross-entropy of the full logits did: losses and gradients over 3 Adam steps."""
+    as optax's cross-entropy of the full logits did: losses and gradients over 2 Adam steps
+    (the chunk=None form is train_lm's default, checked by its reference losses)."""
     tok = tokens_for(FAST, (B, 13))
     inputs, targets = tok[:, :-1], tok[:, 1:]                # T = 12
 
@@ -522,15 +523,14 @@ def test_chunked_loss_equals_full_logits_loss(tensors):
             optimizer.update(model, grads)
             return loss, grads
 
-        return [step(model, optimizer) for _ in range(3)]
+        return [step(model, optimizer) for _ in range(2)]
 
     want = run(full)
-    for chunk in (None, 4):
-        got = run(lambda m, chunk=chunk: m.loss(inputs, targets, chunk=chunk))
-        for (loss, grads), (want_loss, want_grads) in zip(got, want):
-            np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-            for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-                assert_close(g, w, 1e-4, f"gradient (chunk {chunk})")
+    got = run(lambda m: m.loss(inputs, targets, chunk=4))
+    for (loss, grads), (want_loss, want_grads) in zip(got, want):
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            assert_close(g, w, 1e-4, "gradient (chunk 4)")
     with pytest.raises(ValueError, match="divide"):
         model_from_tensors(FAST, tensors).loss(inputs, targets, chunk=5)
 
