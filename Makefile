@@ -18,8 +18,9 @@ demo: setup
 train: setup
 	$(PY) examples/train_lm.py $(ARGS)
 
+# Test files spread over the cores (pytest-xdist; one file per worker keeps module fixtures once).
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

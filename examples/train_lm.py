@@ -808,7 +808,7 @@ def sample_text(run: Run, params, rng_data, args) -> str:
     params = jax.device_put(jax.device_get(params), device)
     model = nnx.merge(run.graphdef, params)
     prompt = np.frombuffer(args.prompt.encode("utf-8") or bytes([lm_data.EOD]), np.uint8)
-    key = jax.random.wrap_key_data(jnp.asarray(rng_data))
+    key = jax.random.wrap_key_data(jax.device_put(jax.device_get(rng_data), device))  # not the mesh's
     out = generate(model, jnp.asarray(prompt, jnp.int32)[None], args.sample_tokens,
                    temperature=args.temperature, top_k=None if args.temperature == 0 else args.top_k,
                    rng=key, eos_token_id=lm_data.EOD)

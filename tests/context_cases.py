@@ -10,8 +10,9 @@ call unsharded. The loss is sum(h dh) + <c_T, dc> + <n_T, dn> with random cotang
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+if __name__ == "__main__":   # the subprocess only: importing the cases must not change the caller
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -203,7 +203,8 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
 def test_sharded_run_matches_single_device(full_run, tmp_path):
     """4 simulated CPU devices, data parallel (4 x 1), data x FSDP (2 x 2, with gradient
     accumulation) and data x context parallel (2 x 2: each sequence split in two blocks), follow
-    the single-device trajectory of `full_run` over its first 4 steps."""
+    the single-device trajectory of `full_run` over its first 4 steps (dp4 over all of them, then
+    samples: the sampler takes the replicated key and parameters off the mesh)."""
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {EXAMPLES!r})
@@ -212,10 +213,12 @@ def test_sharded_run_matches_single_device(full_run, tmp_path):
         flags = {FAST!r} + ["--steps", "{STEPS}", "--eval-every", "4", "--stop-at", "4",
                             "--sample-tokens", "0"]
         out = {{}}
-        for name, extra in [("dp4", []), ("dp2_fsdp2", ["--fsdp", "2", "--grad-accum", "2"]),
+        # dp4 runs to the end and samples (the sampler runs off the mesh, on one device)
+        for name, extra in [("dp4", ["--stop-at", "{STEPS}", "--sample-tokens", "8"]),
+                            ("dp2_fsdp2", ["--fsdp", "2", "--grad-accum", "2"]),
                             ("dp2_cp2", ["--context-parallel", "2"])]:
             s = train_lm.main(flags + ["--out-dir", {str(tmp_path)!r} + "/" + name] + extra)
-            out[name] = dict(train=s["train"], val=s["val"])
+            out[name] = dict(train=s["train"], val=s["val"], sample=s["sample"])
         print("RESULT" + json.dumps(out))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -227,10 +230,14 @@ def test_sharded_run_matches_single_device(full_run, tmp_path):
     assert "devices: 4 ({'data': 4, 'fsdp': 1})" in proc.stdout
     assert "devices: 4 ({'data': 2, 'fsdp': 2})" in proc.stdout
     assert "devices: 4 ({'data': 2, 'fsdp': 1, 'context': 2})" in proc.stdout
+    assert result["dp4"]["sample"].startswith(train_lm.build_parser().parse_args([]).prompt)
     _, single = full_run
-    want = [r["loss"] for r in single["train"][:4]] + [r["loss"] for r in single["val"][:2]]
     for name, got in result.items():
-        assert [r["step"] for r in got["train"]] == [1, 2, 3, 4]
+        n, n_val = len(got["train"]), len(got["val"])
+        assert [r["step"] for r in got["train"]] == list(range(1, n + 1))
+        assert n == (STEPS if name == "dp4" else 4)
+        want = ([r["loss"] for r in single["train"][:n]]
+                + [r["loss"] for r in single["val"][:n_val]])
         got = [r["loss"] for r in got["train"]] + [r["loss"] for r in got["val"]]
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=name)
 

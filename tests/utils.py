@@ -52,6 +52,12 @@ def declines(impl, q, v, *, chunk_size=None, input_gate="exp", normalize=True, *
     return True
 
 
+def float32_backends():
+    """suite_backends() that run float32 inputs (the others decline them with a reason)."""
+    q, v = jnp.zeros((1, 16, 1, 16), jnp.float32), jnp.zeros((1, 16, 1, 16), jnp.float32)
+    return [n for n in suite_backends() if not declines(n, q, v, chunk_size=16)]
+
+
 def x64() -> bool:
     return bool(jax.config.jax_enable_x64)
 
