@@ -285,6 +285,9 @@ def bench_long_train(args, info):
         row = dict(preset=preset, mode=f"context x{cp}", devices=cp, seq_len=seq_len, **r)
         if r.get("tokens_per_s"):
             row["tokens_per_s_per_device"] = r["tokens_per_s"] / cp
+        if rows and rows[0].get("losses") and row.get("losses"):   # where one device held it
+            row["loss_max_diff"] = max(abs(a - b) for a, b in zip(row["losses"],
+                                                                  rows[0]["losses"]))
         rows.append(row)
         common.log_row({k: v for k, v in row.items() if k != "losses"})
     common.write_results(args.out, "bench_scaling_long_train", rows, info, TRAIN_COLUMNS)
