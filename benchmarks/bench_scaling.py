@@ -136,7 +136,6 @@ def bench_train(args, info):
     rows = []
     for preset in presets:
         for mode in args.modes.split(","):
-            base = None
             for n in counts:
                 if mode == "fsdp" and n == 1 and "dp" in args.modes:
                     continue   # the same run as dp on one device
@@ -148,10 +147,8 @@ def bench_train(args, info):
                            global_batch=gb, **r)
                 if r.get("tokens_per_s"):
                     row["tokens_per_s_per_device"] = r["tokens_per_s"] / n
-                ref = base or next((x for x in rows if x["preset"] == preset
-                                    and x["devices"] == 1 and x.get("losses")), None)
-                if n == 1 and r.get("losses"):
-                    base = row
+                ref = next((x for x in rows + [row] if x["preset"] == preset
+                            and x["devices"] == 1 and x.get("losses")), None)   # one device
                 if ref and row.get("tokens_per_s_per_device") and ref.get("tokens_per_s"):
                     row["efficiency"] = row["tokens_per_s_per_device"] / ref["tokens_per_s"]
                 if ref and row.get("losses"):

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 
 import tfla_jax
-from tfla_jax import MLSTMState
 from tests import utils
 from tests.utils import (EXTREME, NAMES, assert_close, common_stabiliser, extreme_gates,
-                         make_inputs, random_like, rel_err, run)
+                         loss_and_grads, rel_err, run, suite_inputs)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -52,23 +51,13 @@ def value_and_grads(fn, args, cot, **kw):
     """
     if isinstance(fn, str):
         return _value_and_grads(args, cot, impl=fn, opts=tuple(sorted(kw.items())))
-    return jax.jit(_loss_grads, static_argnums=0)(functools.partial(fn, **kw), args, cot)
-
-
-def _loss_grads(fn, args, cot):
-    def loss(args):
-        h, s = fn(*args[:5], initial_state=MLSTMState(*args[5:]), return_state=True)
-        return (jnp.sum(h.astype(jnp.float32) * cot[0]) + jnp.sum(s.c * cot[1])
-                + jnp.sum(s.n * cot[2])), (h, s)
-
-    (_, (h, s)), g = jax.value_and_grad(loss, has_aux=True)(args)
-    return h, s, g
+    return jax.jit(loss_and_grads, static_argnums=0)(functools.partial(fn, **kw), args, cot)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "opts"))
 def _value_and_grads(args, cot, *, impl, opts):
     fn = reference if impl == "reference" else functools.partial(run, impl)
-    return _loss_grads(functools.partial(fn, **dict(opts)), args, cot)
+    return loss_and_grads(functools.partial(fn, **dict(opts)), args, cot)
 
 
 def check(impl, args, cot, *, tol, chunk_size=None, what="", **kw):
@@ -118,17 +107,6 @@ def check(impl, args, cot, *, tol, chunk_size=None, what="", **kw):
     return True
 
 
-def inputs(seed, B, T, H, K, V, dtype, *, with_state=True):
-    q, k, v, i, f, s = make_inputs(seed, B, T, H, K, V, dtype, with_state=True)
-    if not with_state:
-        s = MLSTMState(jnp.zeros_like(s.c), jnp.zeros_like(s.n), jnp.zeros_like(s.m))
-    cot = random_like(seed + 1, (jnp.zeros((B, T, H, V), jnp.float32), s.c, s.n))
-    # h comes out in the input dtype, so autodiff hands the kernels dh rounded to it: give the
-    # reference the same rounded cotangent (both then solve the same problem).
-    cot = (cot[0].astype(dtype).astype(jnp.float32), *cot[1:])
-    return (q, k, v, i, f, *s), cot
-
-
 # name, B, T, H, K, V, input gate, normalize, chunk size, initial state
 CASES = [
     ("T1", 1, 1, 1, 16, 16, "exp", True, 16, True),
@@ -148,7 +126,7 @@ CASES = [
 def test_matches_recurrent(impl, case, dtype):
     # (The XLA forms run this grid in float64 in test_ref.py.)
     name, B, T, H, K, V, gate, normalize, L, with_state = case
-    args, cot = inputs(T + K, B, T, H, K, V, dtype, with_state=with_state)
+    args, cot = suite_inputs(T + K, B, T, H, K, V, dtype, with_state=with_state)
     check(impl, args, cot, tol=TOL[dtype], chunk_size=L, input_gate=gate, normalize=normalize,
           what=f"{impl} {name}")
 
@@ -157,7 +135,7 @@ def test_matches_recurrent(impl, case, dtype):
 @pytest.mark.parametrize("impl", KERNELS)
 def test_every_chunk_size(impl, L):
     """T = 4 L + 3: four whole chunks and a padded fifth."""
-    args, cot = inputs(L, 1, 4 * L + 3, 1, 16, 32, jnp.float32)
+    args, cot = suite_inputs(L, 1, 4 * L + 3, 1, 16, 32, jnp.float32)
     check(impl, args, cot, tol=TOL[jnp.float32], chunk_size=L, input_gate="exp", what=f"L{L}")
 
 
@@ -168,7 +146,7 @@ def test_extreme_gates(impl, case, gate):
     """Every finite gate, f~ = -inf (hard reset) and i~ = -inf (no input): finite, and equal to
     the recurrence (h also against a float64 numpy scan); docs/numerics.md."""
     B, T, H, K, V = 1, 96, 2, 16, 16
-    (q, k, v, _, _, *s), cot = inputs(5, B, T, H, K, V, jnp.float32)
+    (q, k, v, _, _, *s), cot = suite_inputs(5, B, T, H, K, V, jnp.float32)
     i, f = (jnp.asarray(x, jnp.float32) for x in extreme_gates(case, (B, T, H)))
     args = (q, k, v, i, f, *s)
     if not check(impl, args, cot, tol=1e-4, chunk_size=32, input_gate=gate,
@@ -187,7 +165,7 @@ def test_extreme_gates(impl, case, gate):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_deterministic(impl):
-    args, cot = inputs(3, 2, 50, 2, 16, 32, jnp.float32)
+    args, cot = suite_inputs(3, 2, 50, 2, 16, 32, jnp.float32)
     kw = {} if impl == "parallel" else dict(chunk_size=16)
     if utils.declines(impl, args[0], args[2], **kw):
         return
@@ -200,7 +178,7 @@ def test_deterministic(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_chained_calls_equal_one_call(impl, gate):
     """Cutting the sequence at 7 and 23 (inside and at chunk edges) and passing the state on."""
-    args, cot = inputs(9, 2, 40, 2, 16, 32, jnp.float32)
+    args, cot = suite_inputs(9, 2, 40, 2, 16, 32, jnp.float32)
     kw = {} if impl == "parallel" else dict(chunk_size=16)
     if utils.declines(impl, args[0], args[2], input_gate=gate, **kw):
         return

@@ -10,6 +10,8 @@ terms cancel (c0 and its cotangent are independent): its error is measured again
 its terms, |dc0| |c0| + |dn0| |n0|, i.e. in the norm in which dc0 and dn0 are held to 5e-3.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ import tfla_jax
 from tfla_jax import MLSTMState
 from tests import utils
 from tests.utils import (EXTREME, NAMES, assert_close, common_stabiliser, extreme_gates,
-                         make_inputs, random_like)
+                         loss_and_grads, per_sequence, suite_inputs)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -40,32 +42,20 @@ CASES = [
 ]
 
 
-def _loss_terms(fn, args, cot):
-    def loss(args):
-        h, s = fn(*args[:5], initial_state=MLSTMState(*args[5:]))
-        return (jnp.sum(h.astype(cot[0].dtype) * cot[0]) + jnp.sum(s.c * cot[1])
-                + jnp.sum(s.n * cot[2])), (h, s)
-
-    (_, (h, s)), g = jax.value_and_grad(loss, has_aux=True)(args)
-    return h, s, g
-
-
 def kernel(impl, args, cot, **kw):
-    fn = lambda *a, **k: tfla_jax.mlstm(*a, implementation=impl, return_state=True,  # noqa: E731
-                                        **kw, **k)
-    return jax.jit(lambda a, c: _loss_terms(fn, a, c))(args, cot)
+    fn = functools.partial(tfla_jax.mlstm, implementation=impl, **kw)
+    return jax.jit(lambda a, c: loss_and_grads(fn, a, c))(args, cot)
 
 
 def reference(args, cot, per_sequence=None, **kw):
     """The float64 lax.scan recurrence (or `per_sequence`) on the inputs upcast: (h, state,
     grads)."""
     kw.pop("chunk_size", None)
-    fn = per_sequence or (lambda *a, **k: tfla_jax.mlstm(
-        *a, implementation="recurrent", return_state=True, **kw, **k))
+    fn = per_sequence or functools.partial(tfla_jax.mlstm, implementation="recurrent", **kw)
     with jax.enable_x64(True):
         up = [jnp.asarray(np.asarray(x, np.float64)) for x in args]
         cot64 = [jnp.asarray(np.asarray(x, np.float64)) for x in cot]
-        run = jax.jit(lambda a, c: _loss_terms(fn, a, c))
+        run = jax.jit(lambda a, c: loss_and_grads(fn, a, c))
         h, s, g = run(up, cot64)
         return (np.asarray(h), MLSTMState(*(np.asarray(x) for x in s)),
                 [np.asarray(x) for x in g])
@@ -90,23 +80,12 @@ def compare(got, want, what, s_in, gate="exp"):
         assert err.max() <= TOL, f"{what} dm0: error {err.max():.3e} of |dc0||c0| + |dn0||n0|"
 
 
-def inputs(seed, B, T, H, K, V, dtype, with_state=True, gates=None):
-    q, k, v, i, f, s = make_inputs(seed, B, T, H, K, V, dtype, with_state=True)
-    if gates is not None:
-        i, f = (jnp.asarray(x, jnp.float32) for x in gates)
-    if not with_state:
-        s = MLSTMState(*(jnp.zeros_like(x) for x in s))
-    cot = random_like(seed + 1, (jnp.zeros((B, T, H, V), jnp.float32), s.c, s.n))
-    cot = (cot[0].astype(dtype).astype(jnp.float32), *cot[1:])   # dh arrives rounded to dtype
-    return [q, k, v, i, f, *s], cot
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("impl", KERNELS)
 def test_matches_float64(impl, case, dtype):
     name, B, T, H, K, V, gate, normalize, L, with_state = case
-    args, cot = inputs(T + K, B, T, H, K, V, dtype, with_state)
+    args, cot = suite_inputs(T + K, B, T, H, K, V, dtype, with_state=with_state)
     kw = dict(input_gate=gate, normalize=normalize, chunk_size=L)
     compare(kernel(impl, args, cot, **kw), reference(args, cot, **kw), f"{impl} {name}",
             args[5:7], gate)
@@ -120,10 +99,8 @@ _IDS = np.stack([
 
 
 def _per_sequence(ids, **kw):
-    from tests.test_segments import _per_sequence as loop
-
-    def fn(q, k, v, i, f, *, initial_state):
-        return loop(q, k, v, i, f, initial_state, ids, **kw)
+    def fn(q, k, v, i, f, *, initial_state, return_state):
+        return per_sequence(q, k, v, i, f, initial_state, ids, **kw)
     return fn
 
 
@@ -132,7 +109,7 @@ def _per_sequence(ids, **kw):
 @pytest.mark.parametrize("impl", KERNELS)
 def test_packed_sequences(impl, gate, dtype):
     B, T, H, K, V = 2, _IDS.shape[1], 2, 64, 128
-    args, cot = inputs(5, B, T, H, K, V, dtype)
+    args, cot = suite_inputs(5, B, T, H, K, V, dtype)
     got = kernel(impl, args, cot, input_gate=gate, chunk_size=128,
                  segment_ids=jnp.asarray(_IDS, jnp.int32))
     want = reference(args, cot, per_sequence=_per_sequence(_IDS, input_gate=gate))
@@ -144,8 +121,8 @@ def test_packed_sequences(impl, gate, dtype):
 @pytest.mark.parametrize("impl", KERNELS)
 def test_extreme_gates(impl, case, gate):
     B, T, H, K, V = 1, 300, 2, 64, 64
-    args, cot = inputs(5, B, T, H, K, V, jnp.bfloat16,
-                       gates=extreme_gates(case, (B, T, H)))
+    args, cot = suite_inputs(5, B, T, H, K, V, jnp.bfloat16,
+                             gates=extreme_gates(case, (B, T, H)))
     kw = dict(input_gate=gate, chunk_size=128)
     compare(kernel(impl, args, cot, **kw), reference(args, cot, **kw), f"{impl} {case}",
             args[5:7], gate)
@@ -154,10 +131,10 @@ def test_extreme_gates(impl, case, gate):
 @pytest.mark.parametrize("impl", KERNELS)
 def test_chained_calls(impl):
     """Cut at 100 and 256 (inside a chunk and at a chunk edge), the state passed on."""
-    args, cot = inputs(9, 2, 400, 2, 64, 128, jnp.bfloat16)
+    args, cot = suite_inputs(9, 2, 400, 2, 64, 128, jnp.bfloat16)
     cuts = [0, 100, 256, 400]
 
-    def chained(q, k, v, i, f, *, initial_state):
+    def chained(q, k, v, i, f, *, initial_state, return_state):
         st, hs = initial_state, []
         for a, b in zip(cuts[:-1], cuts[1:]):
             h, st = tfla_jax.mlstm(q[:, a:b], k[:, a:b], v[:, a:b], i[:, a:b], f[:, a:b],
@@ -166,5 +143,5 @@ def test_chained_calls(impl):
             hs.append(h)
         return jnp.concatenate(hs, axis=1), st
 
-    got = jax.jit(lambda a, c: _loss_terms(chained, a, c))(args, cot)
+    got = jax.jit(lambda a, c: loss_and_grads(chained, a, c))(args, cot)
     compare(got, reference(args, cot), f"{impl} chained", args[5:7])

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 
 import tfla_jax
-from tfla_jax import MLSTMState
-from tfla_jax.ref import mlstm_recurrent
 from tests import utils
 from tests.utils import assert_close, common_stabiliser, make_inputs, random_like, run
 
@@ -29,24 +27,6 @@ _IDS = np.stack([
     np.repeat([7, 3, 7, 3, 7, 1], [2, 3, 2, 2, 3, 33]),                   # many, then a long one
 ])
 IMPLS = ["recurrent", "parallel", "chunkwise", *utils.suite_backends()]
-
-
-def _per_sequence(q, k, v, i, f, state, ids, **kw):
-    """h and the final state of each row's sequences run one by one (the reference)."""
-    hs, finals = [], []
-    for b in range(ids.shape[0]):
-        starts = [0, *np.flatnonzero(ids[b, 1:] != ids[b, :-1]) + 1, ids.shape[1]]
-        row_state = None if state is None else MLSTMState(*(x[b:b + 1] for x in state))
-        parts = []
-        for lo, hi in zip(starts[:-1], starts[1:]):
-            sl = lambda x: x[b:b + 1, lo:hi]  # noqa: E731
-            h, row_state = mlstm_recurrent(sl(q), sl(k), sl(v), sl(i), sl(f),
-                                           initial_state=row_state, **kw)
-            parts.append(h)
-            row_state = row_state if hi == ids.shape[1] else None   # the next one starts at 0
-        hs.append(jnp.concatenate(parts, axis=1))
-        finals.append(row_state)
-    return jnp.concatenate(hs, 0), MLSTMState(*(jnp.concatenate(x, 0) for x in zip(*finals)))
 
 
 def _case(gate, with_state):
@@ -77,7 +57,7 @@ _REFERENCE = {}
 def _reference(gate, with_state):
     if (gate, with_state) not in _REFERENCE:   # one compile per case, shared by every impl
         _REFERENCE[gate, with_state] = _value_and_grads(
-            lambda *a: _per_sequence(*a, _IDS, input_gate=gate), gate, with_state)
+            lambda *a: utils.per_sequence(*a, _IDS, input_gate=gate), gate, with_state)
     return _REFERENCE[gate, with_state]
 
 

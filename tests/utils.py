@@ -165,6 +165,54 @@ def numpy_scan(q, k, v, i, f, *, input_gate="exp", normalize=True, scale=None, e
     return h
 
 
+def loss_and_grads(fn, args, cot):
+    """(h, final state, gradients) of <h, cot_h> + <c_T, cot_c> + <n_T, cot_n>, where
+    fn(q, k, v, i, f, initial_state=..., return_state=True) -> (h, state) and args = (q, k, v,
+    i, f, c0, n0, m0); h is compared in cot_h's dtype."""
+    def loss(args):
+        h, s = fn(*args[:5], initial_state=MLSTMState(*args[5:]), return_state=True)
+        return (jnp.sum(h.astype(cot[0].dtype) * cot[0]) + jnp.sum(s.c * cot[1])
+                + jnp.sum(s.n * cot[2])), (h, s)
+
+    (_, (h, s)), g = jax.value_and_grad(loss, has_aux=True)(args)
+    return h, s, g
+
+
+def suite_inputs(seed, B, T, H, K, V, dtype, *, with_state=True, gates=None):
+    """((q, k, v, i, f, c0, n0, m0), (dh, dc, dn)) for `loss_and_grads`; gates: optional (i~, f~)
+    arrays replacing the random ones. dh is rounded to dtype, as autodiff hands it to the
+    kernels when h comes out in dtype (the reference then solves the same problem)."""
+    q, k, v, i, f, s = make_inputs(seed, B, T, H, K, V, dtype, with_state=True)
+    if gates is not None:
+        i, f = (jnp.asarray(x, jnp.float32) for x in gates)
+    if not with_state:
+        s = MLSTMState(*(jnp.zeros_like(x) for x in s))
+    cot = random_like(seed + 1, (jnp.zeros((B, T, H, V), jnp.float32), s.c, s.n))
+    cot = (cot[0].astype(dtype).astype(jnp.float32), *cot[1:])
+    return (q, k, v, i, f, *s), cot
+
+
+def per_sequence(q, k, v, i, f, state, ids, **kw):
+    """h and the final state of each row's sequences (segment ids `ids`, numpy (B, T)) run one
+    by one with the lax.scan recurrence: the initial state for a row's first sequence, zeros
+    after (the packed-sequence reference)."""
+    from tfla_jax.ref import mlstm_recurrent
+    hs, finals = [], []
+    for b in range(ids.shape[0]):
+        starts = [0, *np.flatnonzero(ids[b, 1:] != ids[b, :-1]) + 1, ids.shape[1]]
+        row_state = None if state is None else MLSTMState(*(x[b:b + 1] for x in state))
+        parts = []
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            sl = lambda x: x[b:b + 1, lo:hi]  # noqa: E731
+            h, row_state = mlstm_recurrent(sl(q), sl(k), sl(v), sl(i), sl(f),
+                                           initial_state=row_state, **kw)
+            parts.append(h)
+            row_state = row_state if hi == ids.shape[1] else None   # the next one starts at 0
+        hs.append(jnp.concatenate(parts, axis=1))
+        finals.append(row_state)
+    return jnp.concatenate(hs, 0), MLSTMState(*(jnp.concatenate(x, 0) for x in zip(*finals)))
+
+
 def random_like(seed, tree):
     """Random normal arrays shaped like the leaves of tree (cotangents)."""
     leaves, treedef = jax.tree.flatten(tree)
