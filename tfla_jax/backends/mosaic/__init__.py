@@ -16,7 +16,8 @@ from tfla_jax.backends.mosaic.config import (MAX_CHUNK, MAX_K, MIN_CHUNK, Mosaic
 from tfla_jax.backends.mosaic.fwd import chunk_output
 from tfla_jax.backends.mosaic.states import state_recurrence
 from tfla_jax.backends.triton import BACKEND as TRITON, TritonConfig
-from tfla_jax.backends.triton.common import pad_last
+from tfla_jax.backends.triton.common import pad_last, state_dtype
+from tfla_jax.backends.triton.config import padded_head_dim as triton_padded_head_dim
 
 _DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16))
 
@@ -78,18 +79,25 @@ class MosaicBackend(Backend):
                               dict(bh=gates.bh, col=gates.col), chunk_size=L,
                               normalize=normalize, eps=eps, block_v=cfg.block_v,
                               interpret=interpret)
-        del residuals  # the backward recomputes the states (docs/kernels.md)
-        return ForwardOut(h[..., :V], den, c_last[..., :K, :V], n_states[:, :, -1, :K])
+        keep = residuals and cfg.keep_states
+        return ForwardOut(h[..., :V], den, c_last[..., :K, :V], n_states[:, :, -1, :K],
+                          states=(c_states, n_states, c_last) if keep else None)
 
     def backward(self, q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states, *, config,
                  interpret):
         # The backward is the Triton backend's (state recompute, state grads, dq / dk / dv) at the
         # same chunk size: Mosaic GPU ports of dq / dk / dv do not yet run the headline shape
         # (docs/kernels.md, "Mosaic GPU backend").
-        del states
         K, V = q.shape[-1], v.shape[-1]
         tcfg = TritonConfig.default(K, V, q.shape[1], q.dtype, chunk_size=config.chunk_size)
-        return TRITON.backward(q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, None,
+        if states is not None:
+            # Kept states are padded to multiples of 64, the Triton kernels' to multiples of 16;
+            # the Triton kernels take float32 states next to fp16 operands.
+            Kt, Vt = triton_padded_head_dim(K), triton_padded_head_dim(V)
+            c_states, n_states, c_last = states
+            states = (c_states[..., :Kt, :Vt].astype(state_dtype(q.dtype)), n_states[..., :Kt],
+                      c_last[..., :Kt, :Vt])
+        return TRITON.backward(q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states,
                                config=tcfg, interpret=interpret)
 
 

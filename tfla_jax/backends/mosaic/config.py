@@ -44,6 +44,8 @@ class MosaicConfig:
     block_v: the V slice of the output kernel (a grid axis; q k^T is recomputed per slice).
     states_block_k, states_block_v: the state tile one CTA of the recurrences owns;
       states_block_t: rows per TMA sub-block; states_stages: TMA buffers in flight.
+    keep_states: keep the forward's chunk states (bf16) for the backward instead of recomputing
+      them there.
     """
 
     chunk_size: int = 256
@@ -52,6 +54,7 @@ class MosaicConfig:
     states_block_k: int = 64
     states_block_v: int = 256
     states_stages: int = 2
+    keep_states: bool = False
 
     def __post_init__(self):
         L = self.chunk_size
@@ -65,6 +68,8 @@ class MosaicConfig:
         if not isinstance(self.states_stages, int) or self.states_stages < 1:
             raise ValueError(f"MosaicConfig.states_stages: expected an int >= 1, got "
                              f"{self.states_stages!r}")
+        if not isinstance(self.keep_states, bool):
+            raise ValueError(f"MosaicConfig.keep_states: expected a bool, got {self.keep_states!r}")
         for name in ("block_v", "states_block_v"):
             if getattr(self, name) > MAX_N:
                 raise ValueError(f"MosaicConfig.{name}: wgmma tiles are at most {MAX_N} wide, "
