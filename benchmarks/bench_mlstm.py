@@ -15,6 +15,8 @@ fwdbwd:   jax.value_and_grad of sum(h dh) + sum(c_T dc) + sum(n_T dn) (random co
           implementation="chunkwise" call (HIGHEST matmul precision) on the same (dtype-valued)
           inputs, at B=2 T=4096 (specs.check_shape); relative RMS error, bound 2e-2 for 16-bit
           inputs and 1e-4 for float32. Exit status 1 if a check fails.
+Timing: --batch calls back to back per sample, synchronised once (common.time_jax; 1 = each call
+synchronised, the timing of the README's tables before 2026-12-01 evening).
 Works with both tfla_jax APIs (common.Tfla). --chunks applies to the kernel implementations;
 "chunkwise" runs at its default chunk. Counts, timer and table: common.py.
 """
@@ -53,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=10,
+                   help="calls per timing sample, synchronised once (common.time_jax); 1: "
+                        "every call synchronised")
     p.add_argument("--peak-tflops", type=float, help="default: common.PEAKS by device")
     p.add_argument("--peak-tbps", type=float)
     p.add_argument("--name", default="bench_mlstm", help="JSON file name under --out")
@@ -127,7 +132,7 @@ def bench_case(api, impl, shape, gate, chunk, pas, sets, args, peaks, overrides,
         fn, names, cfg = build(api, impl, shape, gate, chunk, overrides, args.interpret,
                                pas == "fwdbwd", segments)
         arg_sets = [tuple(s[n] for n in names) for s in sets]
-        t = common.time_jax(fn, arg_sets, args.reps, args.warmup)
+        t = common.time_jax(fn, arg_sets, args.reps, args.warmup, args.batch)
         dt = jnp.dtype(shape.dtype)
         L = api.chunk_used(impl, shape.K, shape.V, shape.T, dt,
                            common.gate_options(gate)["input_gate"],

@@ -15,7 +15,9 @@ Peers (forward and forward+backward, bf16, the mLSTM shape of specs.py unless st
   cudnn               jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn"),
                       H=32, D=128 at the same tokens (specs.Shape.attention).
 The torch peers get an initial state and cotangents on the final state too (--no-state: none).
-Timing: common.time_jax / common.time_torch (median of >= 20, rotating input sets > 2x L2).
+Timing: common.time_jax / common.time_torch (median of >= 20, rotating input sets > 2x L2); the
+JAX rows time --batch calls dispatched back to back per sample (default 10), so that like the
+torch rows' CUDA events they measure the GPU's time per call, not the host's dispatch and sync.
 Peak memory: XLA's compiled analysis (JAX); torch.cuda.max_memory_allocated over one call minus
 what was allocated before it, plus one input set (torch). Writes bench_peers.json and .png.
 A peer that is not installed reports "not installed: ..."; one that dies, "crashed: <last
@@ -48,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--interpret", action="store_true", help="ours in Pallas interpret mode (CPU)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=10,
+                   help="calls per timing sample, synchronised once (common.time_jax); 1: "
+                        "every call synchronised")
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--peak-tbps", type=float)
     p.add_argument("--timeout", type=int, default=1200, help="seconds per peer process")
@@ -96,7 +101,7 @@ def worker_ours(impl, args, sink):
     sink.info.update(common.run_info(**api.info()))
     peaks = common.peaks_for(sink.info["device"], args.peak_tflops, args.peak_tbps)
     opts = argparse.Namespace(label=f"ours:{impl}", interpret=args.interpret, reps=args.reps,
-                              warmup=args.warmup)
+                              warmup=args.warmup, batch=args.batch)
     for n, shape in enumerate(specs.shapes(args.shapes)):
         sets = bench_mlstm.input_sets(shape, 1000 * n)
         for gate in args.gates.split(","):
@@ -135,7 +140,7 @@ def worker_cudnn(args, sink):
                     loss = lambda q, k, v, do: jnp.sum(  # noqa: E731
                         attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
                     fn, arg_sets = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), sets
-                t = common.time_jax(fn, arg_sets, args.reps, args.warmup)
+                t = common.time_jax(fn, arg_sets, args.reps, args.warmup, args.batch)
                 flop, byts = common.attention_counts(B, T, H, D, dt.itemsize, pas == "fwdbwd")
                 mem = common.compiled_peak_bytes(fn, *arg_sets[0])
                 row.update(**t, **common.roofline(t["ms"], flop, byts, peaks),

@@ -26,7 +26,8 @@ KERNELS = tfla_jax.available_backends()
 # Per backend: {custom-call target: how many kernels a forward + backward lowers to}.
 CALLS = {"pallas_triton": {"__gpu$xla.gpu.triton": 7},
          # Mosaic forward (chunk states, output); its backward runs the Triton dq / dk / dv.
-         "pallas_mosaic_gpu": {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5}}
+         # It keeps its chunk states for the backward (no recompute kernel).
+         "pallas_mosaic_gpu": {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 4}}
 # (B, T, H, K, V, dtype, input gate, chunk size or None = the default)
 SHIPPED = (
     [(8, 8192, 8, 256, 512, jnp.bfloat16, g, L)
@@ -90,12 +91,19 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
         assert text.count(target) == count, f"expected {count} {target} kernels (fwd + bwd)"
 
 
-def test_kept_states_lower_for_cuda():
-    cfg = tfla_jax.TritonConfig.default(256, 512, 8192, jnp.bfloat16, chunk_size=256)
-    text = _lower(_value_and_grad("pallas_triton", "exp", None,
-                                  config=cfg.__class__(**{**cfg.__dict__, "keep_states": True})),
+@pytest.mark.parametrize("impl,keep,calls", [
+    ("pallas_triton", True, {"__gpu$xla.gpu.triton": 6}),
+    ("pallas_mosaic_gpu", False, {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5})])
+def test_the_other_keep_states_lowers_for_cuda(impl, keep, calls):
+    """keep_states off its default: kept, the backward takes the forward's chunk states (one
+    kernel fewer); not kept, it recomputes them."""
+    backend = tfla_jax.backends.get_backend(impl)
+    cfg = backend.config_cls.default(256, 512, 8192, jnp.bfloat16, chunk_size=256)
+    text = _lower(_value_and_grad(impl, "exp", None,
+                                  config=cfg.__class__(**{**cfg.__dict__, "keep_states": keep})),
                   _args(8, 8192, 8, 256, 512, jnp.bfloat16))
-    assert text.count("__gpu$xla.gpu.triton") == 6, "kept states: no recompute kernel"
+    for target, count in calls.items():
+        assert text.count(target) == count, f"keep_states={keep}: expected {count} {target}"
 
 
 def test_export_for_cuda_from_cpu():

@@ -45,7 +45,8 @@ class MosaicConfig:
     states_block_k, states_block_v: the state tile one CTA of the recurrences owns;
       states_block_t: rows per TMA sub-block; states_stages: TMA buffers in flight.
     keep_states: keep the forward's chunk states (bf16) for the backward instead of recomputing
-      them there.
+      them there (measured on an H200 at the headline shape: forward+backward 9.0 vs 9.9 ms, the
+      same compiled peak memory, 3.92 GB: the recompute's states are live at the same time).
     """
 
     chunk_size: int = 256
@@ -54,7 +55,7 @@ class MosaicConfig:
     states_block_k: int = 64
     states_block_v: int = 256
     states_stages: int = 2
-    keep_states: bool = False
+    keep_states: bool = True
 
     def __post_init__(self):
         L = self.chunk_size
