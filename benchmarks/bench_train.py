@@ -73,8 +73,12 @@ def bench_one(preset, impl, args):
              "--max-corpus-bytes", "8000000", "--out-dir", "/tmp/bench_train_unused"]
     if args.remat or preset in REMAT:
         flags.append("--remat")
+    elif args.remat is False:
+        flags.append("--no-remat")
     if args.loss_chunk:
         flags += ["--loss-chunk", str(args.loss_chunk)]
+    if args.remat_policy:
+        flags += ["--remat-policy", args.remat_policy]
     if args.dtype:
         flags += ["--dtype", args.dtype]
     run = train_lm.setup(train_lm.build_parser().parse_args(flags))
@@ -111,7 +115,8 @@ def bench_one(preset, impl, args):
         implementation=impl, dtype=cfg.dtype.name, params_m=cfg.num_params / 1e6,
         d=cfg.embedding_dim, blocks=cfg.num_blocks, heads=cfg.num_heads, K=cfg.qk_head_dim,
         V=cfg.v_head_dim, chunk=L, batch=batch, seq_len=seq_len, grad_accum=args.grad_accum,
-        remat=run.args.remat, loss_chunk=args.loss_chunk, steps_timed=args.steps, compile_s=compile_s,
+        remat=train_lm.use_remat(run.args) and run.args.remat_policy, loss_chunk=args.loss_chunk, steps_timed=args.steps,
+        compile_s=compile_s,
         step_ms=seconds / args.steps * 1e3, tokens_per_s=tokens_per_s,
         flops_per_token=flops_per_token, model_tflops=tokens_per_s * flops_per_token / 1e12,
         mfu=tokens_per_s * flops_per_token / args.peak_flops,
@@ -132,7 +137,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="override the per-preset batch")
     p.add_argument("--seq-len", type=int, help="override the per-preset sequence length")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--remat", action="store_true")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: train_lm's (on GPU)")
+    p.add_argument("--remat-policy", help="train_lm --remat-policy (default: train_lm's)")
     p.add_argument("--loss-chunk", type=int, default=0, help="train_lm --loss-chunk")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: train_lm's auto")
     p.add_argument("--peak-tflops", type=float, help="default: common.PEAKS by device")

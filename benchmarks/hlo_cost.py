@@ -271,8 +271,7 @@ def train_memory(preset, batch, seq_len, remat=None, loss_chunk=None) -> dict:
 
     flags = ["--preset", preset, "--batch-size", str(batch), "--seq-len", str(seq_len),
              "--dtype", "bfloat16", "--max-corpus-bytes", "2000000", "--out-dir", "/tmp/hlo_cost"]
-    if remat:
-        flags.append("--remat")
+    flags.append("--remat" if remat else "--no-remat")
     if loss_chunk is not None:
         flags += ["--loss-chunk", str(loss_chunk)]
     run = train_lm.setup(train_lm.build_parser().parse_args(flags))

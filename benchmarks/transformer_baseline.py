@@ -235,7 +235,7 @@ def train_flags(args, T: int, B: int) -> list:
     """train_lm flags: the preset, remat, the shape; everything else at its default."""
     flags = ["--preset", "tiny" if args.smoke else "medium", "--seq-len", str(T),
              "--batch-size", str(B), "--steps", str(args.warmup + args.steps)]
-    return flags + (["--remat"] if args.remat else [])
+    return flags + (["--remat"] if args.remat else ["--no-remat"])
 
 
 def xlstm_chunk(cfg, T: int) -> int:

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 import tfla_jax
 from tfla_jax import ref
 from tfla_jax.hf import hf_param_names, hf_state_dict, load_hf_state_dict
+from tfla_jax.layers import _embed_rows
 from tfla_jax.layers import (FeedForward, MultiHeadLayerNorm, RMSNorm, generate, mLSTMBlock,
                              mLSTMLayer, xLSTMConfig, xLSTMLM)
 from tfla_jax.state import MLSTMState
@@ -205,7 +206,7 @@ def test_config_7b_dims_and_hf_config():
     ("gate_soft_cap", float("inf")), ("igate_bias_init_range", float("nan")),
     ("v_dim_factor", 1e-9), ("qk_dim_factor", 1e-9), ("ffn_proj_factor", 1e-9),
     ("ffn_proj_factor", float("inf")), ("qk_dim_factor", 1e308), ("v_dim_factor", "1"),
-    ("remat", "yes"), ("scan_blocks", 1), ("interpret", None), ("vocab_size", True),
+    ("remat", "yes"), ("remat_policy", "some"), ("scan_blocks", 1), ("interpret", None), ("vocab_size", True),
     ("embedding_dim", 64.0), ("num_heads", 0), ("chunk_size", np.float32(16)),
     ("mlstm_implementation", ["chunkwise"]),
 ], ids=lambda x: x if isinstance(x, str) else None)
@@ -461,7 +462,8 @@ def test_scan_blocks_and_remat_match_block_list(tensors):
     logits, states and gradients (scan without remat: the forward tests below)."""
     tok = tokens_for(FAST)
     (loss0, (l0, s0)), g0 = grads_in_hf_naming(model_from_tensors(FAST, tensors), tok)
-    for opts in (dict(scan_blocks=True, remat=True),):
+    for opts in (dict(scan_blocks=True, remat=True),
+                 dict(scan_blocks=True, remat=True, remat_policy="dots")):
         m = model_from_tensors(dataclasses.replace(FAST, **opts), tensors)
         (loss1, (l1, s1)), g1 = grads_in_hf_naming(m, tok)
         assert_close(l1, l0, 1e-5, f"logits {opts}")
@@ -470,6 +472,26 @@ def test_scan_blocks_and_remat_match_block_list(tensors):
         assert_close(loss1, loss0, 1e-6)
         for name in g0:
             assert_close(g1[name], g0[name], 1e-5, f"grad {name} {opts}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embedding_gradient_is_the_lookups(dtype):
+    """The one-hot matmul gradient of the embedding (vocabularies <= ONE_HOT_GRAD_VOCAB) equals
+    the scatter-add of jnp.take's, ids out of range and negative ids included; in bf16 compute
+    it is the float32 sum of the bf16 cotangents (the scatter adds in bf16)."""
+    from tfla_jax.layers import embed
+    emb = nnx.Embed(300, 16, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    tok = jnp.array([[1, 5, 5, 299, -1, -300, 300, 7], [5, 5, 5, 5, 0, 1, 2, 3]])
+    g = jax.random.normal(jax.random.key(1), (2, 8, 16)).astype(dtype)
+    table = emb.embedding[...]
+    rows = jnp.take(table.astype(dtype), tok, axis=0)
+    got = embed(emb, tok)
+    assert jnp.array_equal(jnp.isnan(got), jnp.isnan(rows))
+    assert jnp.array_equal(jnp.nan_to_num(got), jnp.nan_to_num(rows))
+    dot = lambda x: jnp.sum(jnp.nan_to_num(x).astype(jnp.float32) * g)  # noqa: E731
+    want = jax.grad(lambda t: dot(jnp.take(t.astype(jnp.float32), tok, axis=0)))(table)
+    have = jax.grad(lambda t: dot(_embed_rows(t, tok, jnp.dtype(dtype))))(table)
+    np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg", [FAST, dataclasses.replace(FAST, scan_blocks=True, remat=True)],

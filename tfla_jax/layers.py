@@ -38,6 +38,9 @@ __all__ = ["xLSTMConfig", "RMSNorm", "MultiHeadLayerNorm", "mLSTMLayer", "FeedFo
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
 
 
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def _round_up(x: float, multiple: int) -> int:
     """x rounded up to a multiple of `multiple` (as the HF xLSTM config does it: (x + m - 1) // m * m)."""
     return int((x + multiple - 1) // multiple) * multiple
@@ -84,6 +87,9 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
         interpret=True: a "pallas" model on a CPU, for testing; slow). With mlstm_implementation
         None it makes the kernels the choice on a CPU too.
       remat: rematerialise each block in the backward pass (activation memory O(one block)).
+      remat_policy: what a rematerialised block keeps: "full" nothing but its input, "dots" also
+        the outputs of its matmuls (jax.checkpoint_policies.dots_with_no_batch_dims_saveable:
+        the backward recomputes only the elementwise work and the mLSTM cell).
       scan_blocks: keep the blocks' parameters stacked (leading axis num_blocks) and run them with
         `nnx.scan` (compile time independent of depth); otherwise an `nnx.List` of blocks.
     """
@@ -109,6 +115,7 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
     mlstm_implementation: str | None = None
     chunk_size: int | None = None
     remat: bool = False
+    remat_policy: str = "full"
     scan_blocks: bool = False
     interpret: bool = False
 
@@ -161,6 +168,9 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
             field("chunk_size", api._check_chunk_size(self.chunk_size))
         except ValueError as e:
             raise ValueError(f"xLSTMConfig.{e}") from None
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"xLSTMConfig.remat_policy: expected one of "
+                             f"{tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
         for name in ("remat", "scan_blocks", "interpret"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
@@ -395,6 +405,44 @@ def _linspace_init(start: float, stop: float):
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
+
+
+# Up to this vocabulary the embedding's gradient is a one-hot matmul instead of a scatter-add: with
+# few rows the scatter's atomic adds collide (the byte-vocabulary medium preset on an H200: 27 ms
+# of a 222 ms train step for the scatter, well under 1 ms as a matmul), and the matmul sums in
+# float32 where the scatter added in the compute dtype.
+ONE_HOT_GRAD_VOCAB = 4096
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _embed_rows(table, tokens, dtype):
+    """jnp.take(table.astype(dtype), tokens, axis=0), nnx.Embed's lookup (NaN rows for ids out of
+    range, negative ids wrapping); the table's gradient is a one-hot matmul summed in float32."""
+    return jnp.take(table.astype(dtype), tokens, axis=0)
+
+
+def _embed_rows_fwd(table, tokens, dtype):
+    # The empty (V, 0) array carries the table's shape and dtype to the backward.
+    return _embed_rows(table, tokens, dtype), (tokens, jnp.zeros((table.shape[0], 0), table.dtype))
+
+
+def _embed_rows_bwd(dtype, saved, g):
+    tokens, like = saved
+    V = like.shape[0]
+    rows = jnp.where(tokens < 0, tokens + V, tokens)          # out of range: an all-zero one-hot
+    onehot = jax.nn.one_hot(rows, V, dtype=g.dtype)
+    dtable = jnp.einsum("...v,...d->vd", onehot, g, preferred_element_type=jnp.float32)
+    return dtable.astype(like.dtype), np.zeros(tokens.shape, jax.dtypes.float0)
+
+
+_embed_rows.defvjp(_embed_rows_fwd, _embed_rows_bwd)
+
+
+def embed(embeddings: nnx.Embed, tokens: jax.Array) -> jax.Array:
+    """embeddings(tokens), with the matmul gradient for vocabularies <= ONE_HOT_GRAD_VOCAB."""
+    if embeddings.num_embeddings > ONE_HOT_GRAD_VOCAB or embeddings.dtype is None:
+        return embeddings(tokens)
+    return _embed_rows(embeddings.embedding[...], tokens, jnp.dtype(embeddings.dtype))
 
 
 def _as_token_array(tokens, layout):
@@ -665,7 +713,8 @@ class xLSTMLM(nnx.Module):  # noqa: N801
                          context_axis=context_axis)
 
         if cfg.remat and not step:
-            apply = nnx.remat(apply, prevent_cse=not cfg.scan_blocks)
+            apply = nnx.remat(apply, prevent_cse=not cfg.scan_blocks,
+                              policy=REMAT_POLICIES[cfg.remat_policy])
         if cfg.scan_blocks:
             def body(x, block, s):
                 return apply(block, x, s)
@@ -684,7 +733,7 @@ class xLSTMLM(nnx.Module):  # noqa: N801
     def _step_per_block(self, tokens, states):
         """`step` on a model with a list of blocks (`_decode_form`) and a list of per-block states:
         no slicing or stacking of stacked arrays. tokens (B,) -> (logits (B, vocab), states)."""
-        x = self.embeddings(tokens)
+        x = embed(self.embeddings, tokens)
         new = []
         for block, s in zip(self.blocks, states, strict=True):
             x, s = block.step(x, s)
@@ -703,7 +752,7 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         reduced chunk positions at a time in a rematerialised `lax.scan`: (B, chunk, vocab)
         float32 at once, never (B, T, vocab); equal to the full form up to float32 rounding."""
         tokens = self._check_tokens(tokens, 2)
-        x = self.embeddings(tokens)
+        x = embed(self.embeddings, tokens)
         x, _ = self._run_blocks(x, None, step=False, return_state=False,
                                 segment_ids=segment_ids, context_axis=context_axis)
         B, T = targets.shape
@@ -747,7 +796,7 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         """
         tokens = self._check_tokens(tokens, 2)
         self._check_state(state, tokens.shape[0])
-        x = self.embeddings(tokens)
+        x = embed(self.embeddings, tokens)
         x, state = self._run_blocks(x, state, step=False, return_state=return_state,
                                     segment_ids=segment_ids, context_axis=context_axis)
         return self._logits(x), state
@@ -760,7 +809,7 @@ class xLSTMLM(nnx.Module):  # noqa: N801
         if state is None:
             state = self.init_state(tokens.shape[0])
         self._check_state(state, tokens.shape[0])
-        x = self.embeddings(tokens)
+        x = embed(self.embeddings, tokens)
         x, state = self._run_blocks(x, state, step=True, return_state=True)
         return self._logits(x), state
 
