@@ -251,7 +251,7 @@ def decode_costs(cfg, batch, new_tokens=8) -> dict:
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
     compiled = layers._generate.lower(
         graphdef, variables, prompt, None, jax.eval_shape(lambda: jax.random.key(0)),
-        scalar(jnp.float32), scalar(jnp.bool_), scalar(jnp.int32),
+        scalar(jnp.float32), True, scalar(jnp.int32),
         max_new_tokens=new_tokens, top_k=None).compile()
     text = compiled.as_text()
     step = loop_body_costs(text, new_tokens - 1)

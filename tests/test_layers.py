@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import tfla_jax
-from tfla_jax import ref
+from tfla_jax import layers, ref
 from tfla_jax.hf import hf_param_names, hf_state_dict, load_hf_state_dict
 from tfla_jax.layers import _embed_rows
 from tfla_jax.layers import (FeedForward, MultiHeadLayerNorm, RMSNorm, generate, mLSTMBlock,
@@ -727,6 +727,40 @@ def test_generate_with_scanned_blocks_equals_step_by_step(tensors, dtype):
     tol = 1e-6 if dtype == jnp.float32 else 2e-2
     for x, y, name in zip(unstabilised(state), unstabilised(want_state), ("C", "n")):
         assert_close(x, y, tol, f"generate state {name}")
+
+
+@pytest.mark.parametrize("dtype,param_dtype", [(jnp.float32, jnp.float32),
+                                               (jnp.bfloat16, jnp.float32),
+                                               (jnp.bfloat16, jnp.bfloat16)],
+                         ids=["f32", "bf16-f32-params", "bf16-gates-fused"])
+@pytest.mark.parametrize("scan", [False, True], ids=["blocks", "scan_blocks"])
+def test_decode_form_step_equals_step(tensors, scan, dtype, param_dtype):
+    """`_decode_form`'s step (with scan_blocks or a cast: the input projections concatenated,
+    the gates in the same matmul only for bf16 parameters) gives the logits and state of
+    `model.step` on the blocks as a list, to float32 rounding. Not bit for bit: XLA's CPU dot
+    tiles by the output width, so a (B, 2H) gate column can differ by an ulp from the (B, H)
+    dot's. The reference is the list of blocks for `scan_blocks` too: the `nnx.scan` step rounds
+    bf16 differently (XLA's excess precision in other fusions, as before the decode form)."""
+    cfg = dataclasses.replace(FAST, scan_blocks=scan, dtype=dtype, param_dtype=param_dtype)
+    model = model_from_tensors(cfg, tensors)
+    listed = model_from_tensors(dataclasses.replace(cfg, scan_blocks=False), tensors)
+    tok = tokens_for(cfg, (B, 6))
+    _, state = forward(listed, tok[:, :5])
+
+    @nnx.jit
+    def decode_step(model, tok, state):
+        states = [jax.tree.map(lambda a, b=b: a[b], state) for b in range(cfg.num_blocks)]
+        logits, states = layers._decode_form(model)._step_per_block(tok, states)
+        return logits, jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+    got = decode_step(model, tok[:, 5], state)
+    want = nnx.jit(lambda m, t, s: m.step(t, s))(listed, tok[:, 5], state)
+    for x, y, name in zip(jax.tree.leaves(got), jax.tree.leaves(want), ("logits", "c", "n", "m")):
+        assert_close(x, y, 1e-6, f"decode form {name}")
+    blocks = layers._decode_form(model).blocks
+    fused = isinstance(blocks[0].mlstm_layer, layers._DecodeMLSTMLayer)
+    assert fused == (scan or dtype != param_dtype)
+    assert not fused or (blocks[0].mlstm_layer.gate_kernel is None) == (param_dtype == jnp.bfloat16)
 
 
 def test_generate_prompts_of_different_lengths(tensors):

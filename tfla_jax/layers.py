@@ -842,12 +842,84 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax
     return jnp.where(greedy, best, drawn)
 
 
+def _matmul(x, kernel, **kw):
+    """x (..., d_in) @ kernel (d_in, d_out), as nnx.Linear contracts."""
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), **kw)
+
+
+def _concat_kernels(linears, dtype):
+    """The (d_in, sum of d_out) kernel of nnx.Linears on one input, in `dtype`."""
+    return jnp.concatenate([lin.kernel[...].astype(dtype) for lin in linears], axis=-1)
+
+
+class _DecodeMLSTMLayer(nnx.Module):  # noqa: N801
+    """`mLSTMLayer.step` with the six input projections in one matmul (the decode form's layer):
+    kernel (d, 2 qk_dim + 2 v_dim [+ 2 H]) = [q | k | v | ogate_preact (| igate | fgate)].
+
+    The gates are float32 dots at HIGHEST of x and kernel cast to float32; that is the arithmetic
+    of a dot in the compute dtype with float32 accumulation only where x and the gate kernels are
+    exact in it (16-bit compute, parameters in the same dtype). Otherwise (float32 compute: its
+    default precision differs from HIGHEST on a GPU) they stay a second matmul, gate_kernel (d, 2H).
+    """
+
+    def __init__(self, layer: mLSTMLayer):
+        cfg = layer.config
+        self.config = cfg
+        self.multihead_norm, self.out_proj = layer.multihead_norm, layer.out_proj
+        main = [layer.q, layer.k, layer.v, layer.ogate_preact]
+        gates = [layer.igate_preact, layer.fgate_preact]
+        fuse = cfg.dtype.itemsize == 2 and cfg.param_dtype == cfg.dtype
+        self.kernel = nnx.Param(_concat_kernels(main + gates if fuse else main, cfg.dtype))
+        self.gate_kernel = None if fuse else nnx.Param(_concat_kernels(gates, jnp.float32))
+        self.gate_bias = nnx.Param(jnp.concatenate([g.bias[...].astype(jnp.float32)
+                                                    for g in gates]))
+
+    def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
+        """As `mLSTMLayer.step`: x (B, d) -> (y (B, d), new MLSTMState)."""
+        cfg = self.config
+        qk, v_dim, H = cfg.qk_dim, cfg.v_dim, cfg.num_heads
+        x = x.astype(cfg.dtype)
+        fused = self.gate_kernel is None
+        # float32 out when the gates are in it: one rounding of q, k, v, o to dtype, as their
+        # Linears' dtype-out dot does.
+        y = _matmul(x, self.kernel[...], preferred_element_type=jnp.float32 if fused else None)
+        q, k, v, o, g = jnp.split(y, [qk, 2 * qk, 2 * qk + v_dim, 2 * (qk + v_dim)], axis=-1)
+        q, k, v, o = (a.astype(cfg.dtype) for a in (q, k, v, o))
+        if not fused:
+            g = _matmul(x.astype(jnp.float32), self.gate_kernel[...],
+                        precision=lax.Precision.HIGHEST)
+        g = soft_cap(g + self.gate_bias[...], cfg.gate_soft_cap)
+        heads = x.shape[:-1] + (H,)
+        h, state = api.mlstm_step(q.reshape(*heads, cfg.qk_head_dim),
+                                  k.reshape(*heads, cfg.qk_head_dim),
+                                  v.reshape(*heads, cfg.v_head_dim), g[..., :H], g[..., H:],
+                                  state, eps=cfg.eps)
+        return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h)), state
+
+
+class _DecodeFeedForward(nnx.Module):
+    """`FeedForward` with proj_up_gate and proj_up in one matmul (the decode form's FFN):
+    kernel (d, 2 ffn_hidden_dim) = [proj_up_gate | proj_up] in the compute dtype."""
+
+    def __init__(self, ffn: FeedForward):
+        self.dtype = ffn.proj_up.dtype
+        self.kernel = nnx.Param(_concat_kernels([ffn.proj_up_gate, ffn.proj_up], self.dtype))
+        self.proj_down = ffn.proj_down
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate, up = jnp.split(_matmul(x.astype(self.dtype), self.kernel[...]), 2, axis=-1)
+        return self.proj_down(jax.nn.silu(gate) * up)
+
+
 def _decode_form(model: xLSTMLM) -> xLSTMLM:
     """The model as the decode loop runs it (inside jit; the same values, the same results):
     the blocks as a list (stacked parameters sliced once here, not by every step: inside the
-    token loop a slice of a stacked weight is a copy of it, 3x the weight bytes per step) and
-    every matmul weight already in its layer's compute dtype (not cast by every step).
-    With `scan_blocks` this holds a second copy of the blocks' parameters while `generate` runs."""
+    token loop a slice of a stacked weight is a copy of it, 3x the weight bytes per step), every
+    matmul weight already in its layer's compute dtype (not cast by every step), and, where these
+    copy the weights anyway (`scan_blocks` or a cast), the matmuls on one input concatenated
+    (`_DecodeMLSTMLayer`, `_DecodeFeedForward`: fewer kernels per step) instead: at most one
+    copy of the blocks' matmul weights while `generate` runs, none for a list of blocks whose
+    parameters are in the compute dtype (its layers run unfused on their own arrays)."""
     model = nnx.merge(*nnx.split(model))                      # a copy: the caller's is unchanged
     cfg = model.config
     if cfg.scan_blocks:
@@ -861,18 +933,24 @@ def _decode_form(model: xLSTMLM) -> xLSTMLM:
             module.kernel.value = module.kernel.value.astype(module.dtype)
         elif isinstance(module, nnx.Embed) and module.dtype is not None:
             module.embedding.value = module.embedding.value.astype(module.dtype)
+    if cfg.scan_blocks or cfg.param_dtype != cfg.dtype:
+        for block in model.blocks:
+            block.mlstm_layer = _DecodeMLSTMLayer(block.mlstm_layer)
+            block.ffn = _DecodeFeedForward(block.ffn)
     return model
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "max_new_tokens", "top_k"))
 def _generate(graphdef, variables, prompt, segment_ids, key, temperature, greedy, eos, *,
               max_new_tokens, top_k):
-    """eos < 0 means no end-of-sequence token. Returns (tokens (B, max_new_tokens), state)."""
+    """eos < 0 means no end-of-sequence token; greedy a Python bool (a traced one would draw a
+    sample, a loop of random bits over the vocabulary, at every step only to drop it).
+    Returns (tokens (B, max_new_tokens), state)."""
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, greedy=greedy)
-    keys = jax.random.split(key, max_new_tokens)
+    keys = None if greedy else jax.random.split(key, max_new_tokens)
     model = nnx.merge(graphdef, variables)
     logits, state = model(prompt, return_state=True, segment_ids=segment_ids)   # prefill
-    first = sample(logits[:, -1], keys[0])
+    first = sample(logits[:, -1], None if greedy else keys[0])
     done = (eos >= 0) & (first == eos)
     decode_graphdef, decode_variables = nnx.split(_decode_form(model))
     states = [jax.tree.map(lambda a, b=b: a[b], state) for b in range(model.config.num_blocks)]
@@ -886,7 +964,8 @@ def _generate(graphdef, variables, prompt, segment_ids, key, temperature, greedy
         done = done | ((eos >= 0) & (token == eos))
         return (variables, token, states, done), token
 
-    (_, _, states, _), rest = lax.scan(decode, (decode_variables, first, states, done), keys[1:])
+    (_, _, states, _), rest = lax.scan(decode, (decode_variables, first, states, done),
+                                       None if greedy else keys[1:], length=max_new_tokens - 1)
     state = jax.tree.map(lambda *a: jnp.stack(a), *states)
     return jnp.concatenate([first[:, None], rest.T], axis=1), state
 
@@ -898,7 +977,8 @@ def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperat
     """Autoregressive generation: prefill the prompt through the sequence path (the TFLA kernels),
     then a `lax.scan` of `mlstm_step` decode steps, all in one compiled program. The decode loop
     runs the blocks unrolled on per-block weights already in the compute dtype (`_decode_form`):
-    a model with `scan_blocks` holds a second copy of its block weights meanwhile.
+    a model with `scan_blocks` or parameters in another dtype than the compute dtype holds a
+    second copy of its block weights meanwhile, in which the matmuls on one input are one matmul.
 
     Args:
       model: an xLSTMLM.
@@ -958,7 +1038,7 @@ def generate(model: xLSTMLM, prompt: jax.Array, max_new_tokens: int, *, temperat
     graphdef, variables = nnx.split(model)
     tokens, state = _generate(graphdef, variables, prompt, segment_ids, rng,
                               jnp.float32(temperature if temperature > 0 else 1.0),
-                              jnp.bool_(greedy), jnp.int32(-1 if eos_token_id is None else eos_token_id),
+                              greedy, jnp.int32(-1 if eos_token_id is None else eos_token_id),
                               max_new_tokens=max_new_tokens, top_k=top_k)
     return (tokens, state) if return_state else tokens
 
