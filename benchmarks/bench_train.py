@@ -115,7 +115,7 @@ def bench_one(preset, impl, args):
         implementation=impl, dtype=cfg.dtype.name, params_m=cfg.num_params / 1e6,
         d=cfg.embedding_dim, blocks=cfg.num_blocks, heads=cfg.num_heads, K=cfg.qk_head_dim,
         V=cfg.v_head_dim, chunk=L, batch=batch, seq_len=seq_len, grad_accum=args.grad_accum,
-        remat=train_lm.use_remat(run.args) and run.args.remat_policy, loss_chunk=args.loss_chunk, steps_timed=args.steps,
+        remat=cfg.remat and cfg.remat_policy, loss_chunk=args.loss_chunk, steps_timed=args.steps,
         compile_s=compile_s,
         step_ms=seconds / args.steps * 1e3, tokens_per_s=tokens_per_s,
         flops_per_token=flops_per_token, model_tflops=tokens_per_s * flops_per_token / 1e12,

@@ -894,7 +894,9 @@ class _DecodeMLSTMLayer(nnx.Module):  # noqa: N801
                                   k.reshape(*heads, cfg.qk_head_dim),
                                   v.reshape(*heads, cfg.v_head_dim), g[..., :H], g[..., H:],
                                   state, eps=cfg.eps)
-        return self.out_proj(jax.nn.sigmoid(o) * self.multihead_norm(h)), state
+        return self._output(h, o), state
+
+    _output = mLSTMLayer._output     # the same out_proj and multihead_norm, by the same names
 
 
 class _DecodeFeedForward(nnx.Module):
