@@ -30,8 +30,11 @@ def _reference(a, b, w, w2, decay, x0, y0, L, reverse):
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_state_recurrence_interpreted(reverse, dtype):
-    B, T, H, K, V, L = 1, 256, 2, 64, 128, 64
+# (K, V, block_v, warpgroups): one compute warpgroup, two along K (sharing b), two along V.
+@pytest.mark.parametrize("K,V,block_v,warpgroups", [(64, 128, None, 2), (128, 64, None, 2),
+                                                    (64, 128, 64, 2), (128, 64, None, 1)])
+def test_state_recurrence_interpreted(reverse, dtype, K, V, block_v, warpgroups):
+    B, T, H, L = 1, 256, 2, 64
     ks = jax.random.split(jax.random.key(3), 7)
     a = jax.random.normal(ks[0], (B, T, H, K), dtype)
     b = jax.random.normal(ks[1], (B, T, H, V), dtype)
@@ -41,7 +44,7 @@ def test_state_recurrence_interpreted(reverse, dtype):
     x0 = jax.random.normal(ks[5], (B, H, K, V))
     y0 = jax.random.normal(ks[6], (B, H, K))
     xs, ys, last = state_recurrence(a, b, w, w2, decay, x0, y0, reverse=reverse, chunk_size=L,
-                                    interpret=True)
+                                    block_v=block_v, warpgroups=warpgroups, interpret=True)
     rxs, rys, rlast = _reference(a, b, w, w2, decay, x0, y0, L, reverse)
     rel = lambda got, want: float(np.sqrt(np.mean((np.asarray(got, np.float64) - want) ** 2)  # noqa: E731
                                           / np.mean(want ** 2)))

@@ -36,7 +36,8 @@ class MosaicBackend(Backend):
         return self.speed_rank if padded_head_dim(call.V) > 128 else 15
 
     def default_config(self, call: Call, chunk_size=None):
-        return MosaicConfig.default(call.K, call.V, call.T, call.dtype, chunk_size=chunk_size)
+        return MosaicConfig.default(call.K, call.V, call.T, call.dtype, chunk_size=chunk_size,
+                                    heads=call.B * call.H)
 
     def chunk_size(self, config):
         return config.chunk_size
@@ -72,7 +73,8 @@ class MosaicBackend(Backend):
         c_states, n_states, c_last = state_recurrence(
             k, v, gates.w_state, gates.w_state, gates.decay, c0p, n0p, reverse=False,
             chunk_size=L, block_t=cfg.states_block_t, block_k=cfg.states_block_k,
-            block_v=cfg.states_block_v, max_steps=cfg.states_stages, interpret=interpret)
+            block_v=cfg.states_block_v, max_steps=cfg.states_stages,
+            warpgroups=cfg.states_warpgroups, interpret=interpret)
         rows = dict(bh=gates.bh, row=gates.row, start=gates.start, w_inter=gates.w_inter,
                     floor=gates.floor)
         h, den = chunk_output(q, k, v, c_states, n_states, rows,

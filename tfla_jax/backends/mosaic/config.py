@@ -20,6 +20,10 @@ MIN_CHUNK = 128  # the output kernel's CTA covers 2 x 64 query rows of one chunk
 MAX_CHUNK = 256  # a TMA copy moves at most 256 elements per dimension
 MAX_K = 256       # the output kernel keeps q of 2 x 64 rows and 2 k tiles (64 x K) in SMEM
 
+# Two warpgroups per state-kernel CTA halve its grid; below this many CTAs (about one per SM
+# of an H100 / H200) one warpgroup per CTA was faster (H200: T = 32K, B*H = 16).
+FILL_CTAS = 128
+
 _BLOCKS = ("chunk_size", "block_v", "states_block_t", "states_block_k", "states_block_v")
 
 
@@ -35,6 +39,16 @@ def _fit(block: int, dim: int) -> int:
     return b
 
 
+def warpgroup_split(K: int, V: int, block_k: int, block_v: int, warpgroups: int):
+    """(wk, wv): compute warpgroups of one state-kernel CTA along K and V (wk * wv <=
+    warpgroups); K first, because the warpgroups along K share the wider b = v rows."""
+    if warpgroups >= 2 and K % (2 * block_k) == 0:
+        return 2, 1
+    if warpgroups >= 2 and V % (2 * block_v) == 0:
+        return 1, 2
+    return 1, 1
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Tiles of the Mosaic GPU backend (frozen: a jit static argument). Every block is a
@@ -43,7 +57,9 @@ class MosaicConfig:
     chunk_size: L (a power of two; the backend runs L = 128 and 256).
     block_v: the V slice of the output kernel (a grid axis; q k^T is recomputed per slice).
     states_block_k, states_block_v: the state tile one CTA of the recurrences owns;
-      states_block_t: rows per TMA sub-block; states_stages: TMA buffers in flight.
+      states_block_t: rows per TMA sub-block; states_stages: TMA buffers in flight;
+      states_warpgroups: compute warpgroups per CTA (1 or 2; two own adjacent tiles along K,
+      or along V when K is one tile, and share the rows loaded for them).
     keep_states: keep the forward's chunk states (bf16) for the backward instead of recomputing
       them there (measured on an H200 at the headline shape: forward+backward 9.0 vs 9.9 ms, the
       same compiled peak memory, 3.92 GB: the recompute's states are live at the same time).
@@ -55,6 +71,7 @@ class MosaicConfig:
     states_block_k: int = 64
     states_block_v: int = 256
     states_stages: int = 2
+    states_warpgroups: int = 2
     keep_states: bool = True
 
     def __post_init__(self):
@@ -69,6 +86,9 @@ class MosaicConfig:
         if not isinstance(self.states_stages, int) or self.states_stages < 1:
             raise ValueError(f"MosaicConfig.states_stages: expected an int >= 1, got "
                              f"{self.states_stages!r}")
+        if self.states_warpgroups not in (1, 2) or isinstance(self.states_warpgroups, bool):
+            raise ValueError(f"MosaicConfig.states_warpgroups: expected 1 or 2, got "
+                             f"{self.states_warpgroups!r}")
         if not isinstance(self.keep_states, bool):
             raise ValueError(f"MosaicConfig.keep_states: expected a bool, got {self.keep_states!r}")
         for name in ("block_v", "states_block_v"):
@@ -88,11 +108,17 @@ class MosaicConfig:
 
     @classmethod
     def default(cls, K: int, V: int, T: int, dtype=None, input_gate: str = "exp",
-                chunk_size: int | None = None, device_kind: str = "") -> "MosaicConfig":
-        """Measured defaults (benchmarks/README.md); chunk_size overrides L."""
+                chunk_size: int | None = None, device_kind: str = "",
+                heads: int | None = None) -> "MosaicConfig":
+        """Measured defaults (benchmarks/README.md); chunk_size overrides L; heads: B * H."""
         del input_gate, device_kind
         if chunk_size is None:
             chunk_size = max(MIN_CHUNK, min(256, 1 << max(0, (T - 1).bit_length())))
         # fp16 inputs need separate bf16 slots for the C_c slices: a narrower V slice fits.
         block_v = 128 if dtype is not None and jnp.dtype(dtype) == jnp.float16 else 256
-        return cls(chunk_size=chunk_size, block_v=block_v).resolve(K, V)
+        cfg = cls(chunk_size=chunk_size, block_v=block_v).resolve(K, V)
+        wk, wv = warpgroup_split(padded_head_dim(K), padded_head_dim(V), cfg.states_block_k,
+                                 cfg.states_block_v, 2)
+        ctas = (padded_head_dim(K) // (wk * cfg.states_block_k)
+                * (padded_head_dim(V) // (wv * cfg.states_block_v)) * (heads or FILL_CTAS))
+        return dataclasses.replace(cfg, states_warpgroups=2 if ctas >= FILL_CTAS else 1)
