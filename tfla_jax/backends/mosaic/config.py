@@ -1,8 +1,9 @@
 """`MosaicConfig`: every tile of the Mosaic GPU kernels (docs/kernels.md).
 
 Kernels and the fields that tile them:
-  chunk states (forward, recompute) and state grads   grid (K/states_block_k, V/states_block_v,
-      B*H), sequential over the chunks in TMA sub-blocks of states_block_t rows: states_*
+  chunk states (forward) and state grads   grid (K/(wk states_block_k), V/(wv states_block_v),
+      B*H), wk x wv = states_warpgroups compute warpgroups and a memory warpgroup per CTA,
+      sequential over the chunks in TMA sub-blocks of states_block_t rows: states_*
   output (forward)   grid (V/block_v, L/128, NC, B*H), 2 compute warpgroups x 64 query rows and
       a TMA warpgroup, 64-row kv tiles up to the diagonal: block_v
 wgmma constraints: row tiles (M) are multiples of 64, column tiles (N) multiples of 8 and <= 256;
