@@ -91,19 +91,22 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
         assert text.count(target) == count, f"expected {count} {target} kernels (fwd + bwd)"
 
 
-@pytest.mark.parametrize("impl,keep,calls", [
-    ("pallas_triton", True, {"__gpu$xla.gpu.triton": 6}),
-    ("pallas_mosaic_gpu", False, {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5})])
-def test_the_other_keep_states_lowers_for_cuda(impl, keep, calls):
-    """keep_states off its default: kept, the backward takes the forward's chunk states (one
-    kernel fewer); not kept, it recomputes them."""
+@pytest.mark.parametrize("impl,overrides,calls", [
+    ("pallas_triton", {"keep_states": True}, {"__gpu$xla.gpu.triton": 6}),
+    ("pallas_mosaic_gpu", {"keep_states": False}, {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5}),
+    ("pallas_mosaic_gpu", {"mosaic_state_grads": True},
+     {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3})])
+def test_config_variants_lower_for_cuda(impl, overrides, calls):
+    """Configs off their defaults. keep_states: kept, the backward takes the forward's chunk
+    states (one kernel fewer); not kept, it recomputes them. mosaic_state_grads: the backward's
+    reverse state recurrence on the Mosaic kernel instead of Triton's."""
     backend = tfla_jax.backends.get_backend(impl)
     cfg = backend.config_cls.default(256, 512, 8192, jnp.bfloat16, chunk_size=256)
     text = _lower(_value_and_grad(impl, "exp", None,
-                                  config=cfg.__class__(**{**cfg.__dict__, "keep_states": keep})),
+                                  config=cfg.__class__(**{**cfg.__dict__, **overrides})),
                   _args(8, 8192, 8, 256, 512, jnp.bfloat16))
     for target, count in calls.items():
-        assert text.count(target) == count, f"keep_states={keep}: expected {count} {target}"
+        assert text.count(target) == count, f"{overrides}: expected {count} {target}"
 
 
 def test_export_for_cuda_from_cpu():

@@ -52,3 +52,63 @@ def test_state_recurrence_interpreted(reverse, dtype, K, V, block_v, warpgroups)
     assert rel(xs, rxs) < 5e-3
     assert rel(last, rlast) < 5e-3
     assert rel(ys, rys) < 1e-5
+
+
+@pytest.mark.parametrize("K,V,block_v,warpgroups", [(128, 64, None, 2), (64, 128, 64, 2),
+                                                    (64, 128, None, 1)])
+def test_carried_terms_interpreted(K, V, block_v, warpgroups):
+    """The reverse recurrence's decay_c <C_c, X_{c+1}> per K row (summed over V tiles)."""
+    B, T, H, L = 1, 256, 2, 64
+    ks = jax.random.split(jax.random.key(4), 8)
+    a = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
+    b = jax.random.normal(ks[1], (B, T, H, V), jnp.bfloat16)
+    w, w2 = jax.random.uniform(ks[2], (B, H, T)), jax.random.normal(ks[3], (B, H, T))
+    decay = jax.random.uniform(ks[4], (B, H, T // L)).at[0, 1, 2].set(0.0)
+    x0, y0 = jax.random.normal(ks[5], (B, H, K, V)), jax.random.normal(ks[6], (B, H, K))
+    c = jax.random.normal(ks[7], (B, H, T // L + 1, K, V), jnp.bfloat16)
+    xs, ys, last, z = state_recurrence(a, b, w, w2, decay, x0, y0, reverse=True, chunk_size=L,
+                                       block_v=block_v, warpgroups=warpgroups, carried=c,
+                                       interpret=True)
+    rxs, _, _ = _reference(a, b, w, w2, decay, x0, y0, L, reverse=True)
+    # decay_c sum_v C_c X_{c+1}, X from the float64 recurrence: the kernel's float32 carry
+    # differs from it as its states do (bf16 operands (w a)), hence the states' bound.
+    want = (np.asarray(decay, np.float64)[..., None]
+            * np.einsum("bhckv,bhckv->bhck", np.asarray(c, np.float64)[:, :, :-1], rxs[:, :, 1:]))
+    got = np.asarray(z, np.float64).sum(2)
+    err = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    assert z.shape == (B, H, V // (block_v or V), T // L, K)
+    assert err < 5e-3, err
+
+
+def test_mosaic_state_grads_match_triton_interpreted():
+    """`MosaicConfig.mosaic_state_grads`: the backward on kept states with the reverse state
+    recurrence on the Mosaic kernel equals the one with Triton's (both interpreted; dq / dk / dv
+    are Triton's in both)."""
+    import dataclasses
+
+    from tfla_jax import ref
+    from tfla_jax.backends import NormTerms, get_backend
+    from tfla_jax.backends.mosaic import MosaicConfig
+
+    B, T, H, K, V, L = 1, 256, 2, 64, 128, 128
+    ks = jax.random.split(jax.random.key(5), 11)
+    q, k = (jax.random.normal(ks[j], (B, T, H, K), jnp.bfloat16) for j in (0, 1))
+    v, dh = (jax.random.normal(ks[j], (B, T, H, V), jnp.bfloat16) for j in (2, 3))
+    i, f = jax.random.normal(ks[4], (B, T, H)), jax.random.normal(ks[5], (B, T, H)) + 3.0
+    c0, dc_T = (jax.random.normal(ks[j], (B, H, K, V)) for j in (6, 7))
+    n0, dn_T = (jax.random.normal(ks[j], (B, H, K)) for j in (8, 9))
+    gt = ref.gate_rows(i, f, chunk_size=L, input_gate="exp", m0=jnp.zeros((B, H)),
+                       scale=K ** -0.5)
+    states = state_recurrence(k, v, gt.w_state, gt.w_state, gt.decay, c0, n0, reverse=False,
+                              chunk_size=L, interpret=True)
+    norm = NormTerms(jax.random.uniform(ks[10], (B, H, T), minval=0.5, maxval=2.0),
+                     jax.random.normal(ks[10], (B, H, T)))
+    mosaic = get_backend("pallas_mosaic_gpu")
+    cfg = MosaicConfig.default(K, V, T, jnp.bfloat16, chunk_size=L, heads=B * H)
+    grads = [mosaic.backward(q, k, v, gt, c0, n0, None, dh, dc_T, dn_T, norm, states,
+                             config=dataclasses.replace(cfg, mosaic_state_grads=on),
+                             interpret=True) for on in (False, True)]
+    for name, a, b in zip(grads[0]._fields, grads[0], grads[1]):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.sqrt(np.mean((a - b) ** 2) / max(np.mean(a ** 2), 1e-30))
+        assert err < 5e-3, f"{name}: {err:.2e}"

@@ -87,20 +87,34 @@ class MosaicBackend(Backend):
 
     def backward(self, q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states, *, config,
                  interpret):
-        # The backward is the Triton backend's (state recompute, state grads, dq / dk / dv) at the
-        # same chunk size: Mosaic GPU ports of dq / dk / dv do not yet run the headline shape
-        # (docs/kernels.md, "Mosaic GPU backend").
+        # dq / dk / dv are the Triton backend's kernels at the same chunk size: Mosaic GPU ports
+        # do not yet run the headline shape (docs/kernels.md, "Mosaic GPU backend").
         K, V = q.shape[-1], v.shape[-1]
         tcfg = TritonConfig.default(K, V, q.shape[1], q.dtype, chunk_size=config.chunk_size)
-        if states is not None:
-            # Kept states are padded to multiples of 64, the Triton kernels' to multiples of 16;
-            # the Triton kernels take float32 states next to fp16 operands.
-            Kt, Vt = triton_padded_head_dim(K), triton_padded_head_dim(V)
-            c_states, n_states, c_last = states
-            states = (c_states[..., :Kt, :Vt].astype(state_dtype(q.dtype)), n_states[..., :Kt],
-                      c_last[..., :Kt, :Vt])
-        return TRITON.backward(q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states,
-                               config=tcfg, interpret=interpret)
+        if states is None:
+            return TRITON.backward(q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, None,
+                                   config=tcfg, interpret=interpret)
+        # Kept states are padded to multiples of 64, the Triton kernels' to multiples of 16;
+        # the Triton kernels take float32 states next to fp16 operands.
+        Kt, Vt = triton_padded_head_dim(K), triton_padded_head_dim(V)
+        to_triton = lambda c: c[..., :Kt, :Vt].astype(state_dtype(q.dtype))  # noqa: E731
+        c_states, n_states, c_last = states
+        triton_states = (to_triton(c_states), n_states[..., :Kt], c_last[..., :Kt, :Vt])
+        cfg = config.resolve(K, V)
+        if not cfg.mosaic_state_grads:
+            return TRITON.backward(q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm,
+                                   triton_states, config=tcfg, interpret=interpret)
+        Kp, Vp = padded_head_dim(K), padded_head_dim(V)
+        dc_states, dn_states, dc_first, zc = state_recurrence(
+            pad_last(q, Kp), pad_last(dh.astype(v.dtype), Vp), gates.w_inter * norm.inv_n,
+            gates.w_inter * norm.dden, gates.decay, pad_last(dc_T.astype(jnp.float32), Kp, Vp),
+            pad_last(dn_T.astype(jnp.float32), Kp), reverse=True, chunk_size=cfg.chunk_size,
+            block_t=cfg.states_block_t, block_k=cfg.states_block_k, block_v=cfg.states_block_v,
+            max_steps=cfg.states_stages, warpgroups=cfg.states_warpgroups, carried=c_states,
+            interpret=interpret)
+        cots = (to_triton(dc_states), dn_states[..., :Kt], dc_first[..., :Kt, :Vt])
+        return TRITON.intra_grads(q, k, v, dh, gates, norm, triton_states, cots,
+                                  jnp.sum(zc, axis=(2, 4)), config=tcfg, interpret=interpret)
 
 
 BACKEND = register(MosaicBackend())

@@ -64,6 +64,9 @@ class MosaicConfig:
     keep_states: keep the forward's chunk states (bf16) for the backward instead of recomputing
       them there (measured on an H200 at the headline shape: forward+backward 9.0 vs 9.9 ms, the
       same compiled peak memory, 3.92 GB: the recompute's states are live at the same time).
+    mosaic_state_grads: with kept states, run the backward's reverse state recurrence (dC, dn
+      and the forget gate's carried terms) on the Mosaic state kernel instead of Triton's; off
+      until it has been compiled and timed on a GPU.
     """
 
     chunk_size: int = 256
@@ -74,6 +77,7 @@ class MosaicConfig:
     states_stages: int = 2
     states_warpgroups: int = 2
     keep_states: bool = True
+    mosaic_state_grads: bool = False
 
     def __post_init__(self):
         L = self.chunk_size
@@ -90,8 +94,10 @@ class MosaicConfig:
         if self.states_warpgroups not in (1, 2) or isinstance(self.states_warpgroups, bool):
             raise ValueError(f"MosaicConfig.states_warpgroups: expected 1 or 2, got "
                              f"{self.states_warpgroups!r}")
-        if not isinstance(self.keep_states, bool):
-            raise ValueError(f"MosaicConfig.keep_states: expected a bool, got {self.keep_states!r}")
+        for name in ("keep_states", "mosaic_state_grads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MosaicConfig.{name}: expected a bool, got "
+                                 f"{getattr(self, name)!r}")
         for name in ("block_v", "states_block_v"):
             if getattr(self, name) > MAX_N:
                 raise ValueError(f"MosaicConfig.{name}: wgmma tiles are at most {MAX_N} wide, "

@@ -1,7 +1,8 @@
 """The chunk-state recurrence on Mosaic GPU, one kernel for both directions.
 
 forward  (a, b, w) = (k, v, w_state):   X_{c+1} = decay_c X_c + (w a_c)^T b_c,   X_0 = C_0
-reverse  (a, b, w) = (q, dh, w_inter inv_n):  X_c = decay_c X_{c+1} + (w a_c)^T b_c,  X_NC = dC_T
+reverse  (a, b, w) = (q, dh, w_inter inv_n):  X_c = decay_c X_{c+1} + (w a_c)^T b_c,  X_NC = dC_T,
+         optionally with the carried-state terms decay_c <C_c, X_{c+1}> of the forget gate
 One CTA owns a (wk block_k x wv block_v) tile of X for one (b, h) and runs over the chunks:
 wk x wv compute warpgroups, each carrying its float32 (block_k x block_v) tile in registers,
 and a memory warpgroup that streams the a / b rows through `stages` TMA slots in sub-blocks of
@@ -25,15 +26,20 @@ from tfla_jax.backends.mosaic.common import (COLS, F32, STATE_DTYPE, interpret_p
 from tfla_jax.backends.mosaic.config import warpgroup_split
 
 MEMORY_REGISTERS = 40
+SLICE = 64   # columns of C_c per load of the carried terms
 COMPUTE_REGISTERS = {1: 232, 2: 232}   # setmaxnreg: <= 256, multiples of 8
 
 
-def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, states_ref,
-                       vec_ref, last_ref, *, reverse, chunk_size, block_t, block_k, block_v,
-                       wk, wv, H, stages, interpret):
+def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, block_v, wk, wv,
+                       H, stages, interpret):
     # a_ref (B, T, H, K), b_ref (B, T, H, V), w_ref, w2_ref (B, H, T), decay_ref (B, H, NC),
-    # x0_ref (B, H, K, V), y0_ref (B, H, K) f32; out states_ref (B, H, NC+1, K, V) bf16,
-    # vec_ref (B, H, NC+1, K) f32 (written by the first V tile), last_ref (B, H, K, V) f32.
+    # x0_ref (B, H, K, V), y0_ref (B, H, K) f32, [carried: c_ref (B, H, NC+1, K, V)];
+    # out states_ref (B, H, NC+1, K, V) bf16, vec_ref (B, H, NC+1, K) f32 (written by the
+    # first V tile), last_ref (B, H, K, V) f32, [carried: zc_ref (B, H, V/block_v, NC, K) f32].
+    a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, *refs = refs
+    c_ref = refs.pop(0) if carried else None
+    states_ref, vec_ref, last_ref, *refs = refs
+    zc_ref = refs[0] if carried else None
     kt, vt, z = lax.axis_index("k"), lax.axis_index("v"), lax.axis_index("bh")
     wg = lax.axis_index("wg")
     n_wg = wk * wv
@@ -53,8 +59,8 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
     # One SMEM allocation per K / V tile and per warpgroup (lists of refs, selected by a
     # static index): a wgmma operand cannot be indexed by a static int (the slot index is
     # traced), and a transposed operand stays a whole allocation.
-    def body(a_smem, b_smem, w_smem, w2_smem, aw_smem, out_smem, decay_smem, y_smem, loaded,
-             free, in_bars):
+    def body(a_smem, b_smem, w_smem, w2_smem, aw_smem, out_smem, decay_smem, y_smem, z_smem,
+             loaded, free, in_bars):
         @pl.when(wg == n_wg)
         def _memory():
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
@@ -118,6 +124,21 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
                         for kk in y_tiles:
                             plgpu.copy_smem_to_gmem(y_smem[kk], vec_ref.at[b, h, idx, k_tile(kk)])
 
+            def carried_term(chunk, x):
+                """decay_c <C_c, X_{c+1}> over this tile's V columns, per K row (the
+                forget-gate gradient's boundary terms), C_c read in 64-column slices."""
+                z = None
+                for p in range(block_v // SLICE):
+                    cols = pl.ds((vt * wv + vu) * block_v + p * SLICE, SLICE)
+                    c = plgpu.load(c_ref.at[b, h, chunk, ks, cols], layout=plgpu.Layout.WGMMA,
+                                   optimized=False).astype(F32)
+                    part = (c * x[:, p * SLICE:(p + 1) * SLICE]).sum(axis=1)
+                    z = part if z is None else z + part
+                # store() has just waited for every earlier copy out of SMEM: z_smem is free.
+                z_smem[u][...] = z * my_decay[chunk]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(z_smem[u], zc_ref.at[b, h, vt * wv + vu, chunk, ks])
+
             def step(j, carry):
                 x, y = carry
                 slot = irem(j, stages)
@@ -129,6 +150,8 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
                 @pl.when(first)
                 def _():
                     store(chunk + 1 if reverse else chunk, x, y)
+                    if carried:
+                        carried_term(chunk, x)
 
                 d = jnp.where(first, my_decay[chunk], 1.0)
                 plgpu.barrier_wait(loaded.at[slot])
@@ -166,6 +189,7 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
         [smem((block_k, block_v), STATE_DTYPE) for _ in range(n_wg)],
         [plgpu.SMEM(decay_ref.shape[-1:], F32) for _ in range(n_wg)],
         [plgpu.SMEM((block_k,), F32) for _ in range(wk)],
+        [plgpu.SMEM((block_k,), F32) for _ in range(n_wg if carried else 0)],
         plgpu.Barrier(num_arrivals=wk + wv + 2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
         plgpu.Barrier(num_barriers=(n_wg, 1 + wk)),
@@ -173,17 +197,24 @@ def _recurrence_kernel(a_ref, b_ref, w_ref, w2_ref, decay_ref, x0_ref, y0_ref, s
 
 
 def state_recurrence(a, b, w, w2, decay, x0, y0, *, reverse, chunk_size, block_t=64,
-                     block_k=64, block_v=None, max_steps=2, warpgroups=2, interpret=False):
+                     block_k=64, block_v=None, max_steps=2, warpgroups=2, carried=None,
+                     interpret=False):
     """Every chunk-boundary state and the last one (see the module docstring), with the vector
     recurrence y_{c+1} = decay_c y_c + sum_s w2_s a_s alongside (n; dn when reverse).
 
     a: (B, T, H, K), b: (B, T, H, V) (bf16 or fp16, K and V multiples of 64); w, w2: (B, H, T);
     decay: (B, H, NC); x0 (B, H, K, V), y0 (B, H, K) float32 (C_0, n_0, or dC_T, dn_T).
     block_k x block_v: one warpgroup's tile; warpgroups: compute warpgroups per CTA (1 or 2).
+    carried (reverse only): the forward's states C (B, H, NC+1, K, V); then also returned, per
+    V tile of block_v columns, decay_c sum_v C_c X_{c+1} (B, H, V/block_v, NC, K) float32: the
+    carried-state terms decay_c <C_c, dC_{c+1}> of the forget-gate gradient, summed over the
+    last two axes.
     Returns states (B, H, NC+1, K, V) in STATE_DTYPE (index c: the state entering chunk c, or
     the cotangent of the state leaving chunk c-1), the vectors (B, H, NC+1, K) float32 likewise,
     and the last state (B, H, K, V) float32 (C_T, or dC_0 when reverse).
     """
+    if carried is not None and not reverse:
+        raise ValueError("state_recurrence: carried terms belong to the reverse recurrence")
     B, T, H, K = a.shape
     V = b.shape[-1]
     NC = T // chunk_size
@@ -192,7 +223,8 @@ def state_recurrence(a, b, w, w2, decay, x0, y0, *, reverse, chunk_size, block_t
     w, w2, decay, x0, y0 = (x.astype(F32) for x in (w, w2, decay, x0, y0))
     # TMA needs 16-byte strides: the per-chunk decays are padded to a multiple of 4 floats.
     decay = jnp.pad(decay, ((0, 0), (0, 0), (0, -NC % 4)))
-    kernel = functools.partial(_recurrence_kernel, reverse=reverse, chunk_size=chunk_size,
+    kernel = functools.partial(_recurrence_kernel, reverse=reverse,
+                               carried=carried is not None, chunk_size=chunk_size,
                                block_t=min(block_t, chunk_size), block_k=block_k,
                                block_v=block_v, wk=wk, wv=wv, H=H,
                                stages=min(max_steps, NC * (chunk_size // min(block_t, chunk_size))),
@@ -201,11 +233,13 @@ def state_recurrence(a, b, w, w2, decay, x0, y0, *, reverse, chunk_size, block_t
         kernel,
         out_type=(jax.ShapeDtypeStruct((B, H, NC + 1, K, V), STATE_DTYPE),
                   jax.ShapeDtypeStruct((B, H, NC + 1, K), F32),
-                  jax.ShapeDtypeStruct((B, H, K, V), F32)),
+                  jax.ShapeDtypeStruct((B, H, K, V), F32),
+                  *([] if carried is None else
+                    [jax.ShapeDtypeStruct((B, H, V // block_v, NC, K), F32)])),
         grid=(K // (wk * block_k), V // (wv * block_v), B * H),
         grid_names=("k", "v", "bh"),
         num_threads=wk * wv + 1,
         thread_name="wg",
         interpret=interpret_params(interpret),
         kernel_name="mlstm_state_grads" if reverse else "mlstm_chunk_states",
-    )(a, b, w, w2, decay, x0, y0)
+    )(a, b, w, w2, decay, x0, y0, *([] if carried is None else [carried]))

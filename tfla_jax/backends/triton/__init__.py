@@ -56,16 +56,33 @@ class TritonBackend(Backend):
         V = v.shape[-1]
         cfg = config.resolve(K, V)
         Kp, Vp = padded_head_dim(K), padded_head_dim(V)
-        q, k, v = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
-        dh = pad_last(dh.astype(v.dtype), Vp)
+        qp, kp, vp = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
         dc_T, dn_T = pad_last(dc_T.astype(F32), Kp, Vp), pad_last(dn_T.astype(F32), Kp)
         if states is None:
-            states = chunk_states(k, v, gates.w_state, gates.decay, pad_last(c0, Kp, Vp),
+            states = chunk_states(kp, vp, gates.w_state, gates.decay, pad_last(c0, Kp, Vp),
                                   pad_last(n0, Kp), config=cfg, interpret=interpret)
-        c_states, n_states, c_last = states
         dc_states, dn_states, dc_first, zc = state_grads(
-            q, dh, gates.w_inter * norm.inv_n, gates.w_inter * norm.dden, gates.decay,
-            c_states, dc_T, dn_T, config=cfg, interpret=interpret)
+            qp, pad_last(dh.astype(v.dtype), Vp), gates.w_inter * norm.inv_n,
+            gates.w_inter * norm.dden, gates.decay, states[0], dc_T, dn_T, config=cfg,
+            interpret=interpret)
+        return self.intra_grads(q, k, v, dh, gates, norm, states, (dc_states, dn_states, dc_first),
+                                jnp.sum(zc, axis=(2, 3)), config=config, interpret=interpret)
+
+    def intra_grads(self, q, k, v, dh, gates, norm, states, state_cots, zc, *, config,
+                    interpret):
+        """dq, dk, dv and the gate-gradient pieces (`KernelGrads`) from the chunk states and
+        their cotangents, both padded to this backend's head dims.
+
+        states: (C (B, H, NC+1, K, V), n (B, H, NC+1, K), C_T); state_cots: (dC like C, dn like
+        n, dC_0 (B, H, K, V)); C and dC in `state_dtype`; zc (B, H, NC): decay_c <C_c, dC_{c+1}>.
+        """
+        K, V = q.shape[-1], v.shape[-1]
+        cfg = config.resolve(K, V)
+        Kp, Vp = padded_head_dim(K), padded_head_dim(V)
+        q, k, v = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
+        dh = pad_last(dh.astype(v.dtype), Vp)
+        c_states, n_states, _ = states
+        dc_states, dn_states, dc_first = state_cots
         rows = dict(bh=gates.bh, row=gates.row, col=gates.col, start=gates.start,
                     w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
                     dden=norm.dden)
@@ -74,8 +91,7 @@ class TritonBackend(Backend):
         dk, kdk_off, kdk_inter, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
         dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
         # decay_c (<C_c, dC_{c+1}> + <n_c, dn_{c+1}>) per chunk.
-        zc = jnp.sum(zc, axis=(2, 3)) + gates.decay * jnp.sum(n_states[:, :, :-1]
-                                                              * dn_states[:, :, 1:], axis=-1)
+        zc = zc + gates.decay * jnp.sum(n_states[:, :, :-1] * dn_states[:, :, 1:], axis=-1)
         rsum = lambda x: jnp.sum(x, axis=2)  # noqa: E731  over K tiles
         return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r=rsum(qdq_off) - rsum(kdk_off),
                            kdk_inter=rsum(kdk_inter), kdk=rsum(kdk), zc=zc,
