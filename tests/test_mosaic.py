@@ -81,17 +81,18 @@ def test_carried_terms_interpreted(K, V, block_v, warpgroups):
     assert err < 5e-3, err
 
 
-def test_mosaic_state_grads_match_triton_interpreted():
-    """`MosaicConfig.mosaic_state_grads`: the backward on kept states with the reverse state
-    recurrence on the Mosaic kernel equals the one with Triton's (both interpreted; dq / dk / dv
-    are Triton's in both)."""
+def test_mosaic_state_grads_match_triton_interpreted(monkeypatch):
+    """`MosaicConfig.mosaic_state_grads`: on kept states, the state cotangents and the forget
+    gate's carried terms that `MosaicBackend.backward` hands to the dq / dk / dv kernels equal
+    those of the Triton state-grads path (both interpreted; the Triton dq / dk / dv that follow
+    are the same call in both, so they are recorded instead of run)."""
     import dataclasses
 
     from tfla_jax import ref
     from tfla_jax.backends import NormTerms, get_backend
     from tfla_jax.backends.mosaic import MosaicConfig
 
-    B, T, H, K, V, L = 1, 256, 1, 64, 128, 128
+    B, T, H, K, V, L = 1, 256, 2, 64, 128, 128
     ks = jax.random.split(jax.random.key(5), 11)
     q, k = (jax.random.normal(ks[j], (B, T, H, K), jnp.bfloat16) for j in (0, 1))
     v, dh = (jax.random.normal(ks[j], (B, T, H, V), jnp.bfloat16) for j in (2, 3))
@@ -104,12 +105,16 @@ def test_mosaic_state_grads_match_triton_interpreted():
                               chunk_size=L, interpret=True)
     norm = NormTerms(jax.random.uniform(ks[10], (B, H, T), minval=0.5, maxval=2.0),
                      jax.random.normal(ks[10], (B, H, T)))
+    triton = get_backend("pallas_triton")
+    monkeypatch.setattr(triton, "intra_grads", lambda *a, **kw: a[6:9])
     mosaic = get_backend("pallas_mosaic_gpu")
     cfg = MosaicConfig.default(K, V, T, jnp.bfloat16, chunk_size=L, heads=B * H)
-    grads = [mosaic.backward(q, k, v, gt, c0, n0, None, dh, dc_T, dn_T, norm, states,
-                             config=dataclasses.replace(cfg, mosaic_state_grads=on),
-                             interpret=True) for on in (False, True)]
-    for name, a, b in zip(grads[0]._fields, grads[0], grads[1]):
+    handed = [mosaic.backward(q, k, v, gt, c0, n0, None, dh, dc_T, dn_T, norm, states,
+                              config=dataclasses.replace(cfg, mosaic_state_grads=on),
+                              interpret=True) for on in (False, True)]
+    names = ["C", "n", "C_T", "dC", "dn", "dC_0", "zc"]
+    for name, a, b in zip(names, jax.tree.leaves(handed[0]), jax.tree.leaves(handed[1])):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         err = np.sqrt(np.mean((a - b) ** 2) / max(np.mean(a ** 2), 1e-30))
-        assert err < 5e-3, f"{name}: {err:.2e}"
+        assert err < 1e-3, f"{name}: {err:.2e}"
