@@ -3,9 +3,10 @@
 TMA loads into swizzled shared memory, wgmma with 16-bit operands and float32 accumulators, the
 gated score tile kept in registers as the A operand of the second matmul (docs/kernels.md).
 Kernels: the chunk-state recurrence (states.py, with n alongside) and the warp-specialised
-forward output (fwd.py); the backward runs the Triton backend's kernels. bf16 and fp16 inputs,
-head dims padded to multiples of 64, K <= 256, chunk sizes 128 and 256, Hopper GPUs; other calls
-are declined (the Triton backend takes them).
+forward output (fwd.py); the backward runs the reverse state recurrence on the same state kernel
+and the Triton backend's dq / dk / dv. bf16 and fp16 inputs, head dims padded to multiples of 64,
+K <= 256, chunk sizes 128 and 256, Hopper GPUs; other calls are declined (the Triton backend
+takes them).
 """
 
 import jax.numpy as jnp

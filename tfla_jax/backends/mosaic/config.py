@@ -65,8 +65,8 @@ class MosaicConfig:
       them there (measured on an H200 at the headline shape: forward+backward 9.0 vs 9.9 ms, the
       same compiled peak memory, 3.92 GB: the recompute's states are live at the same time).
     mosaic_state_grads: with kept states, run the backward's reverse state recurrence (dC, dn
-      and the forget gate's carried terms) on the Mosaic state kernel instead of Triton's; off
-      until it has been compiled and timed on a GPU.
+      and the forget gate's carried terms) on the Mosaic state kernel instead of Triton's
+      (H200, headline shape: forward+backward 8.05 vs 8.22 ms, exp gate).
     """
 
     chunk_size: int = 256
@@ -77,7 +77,7 @@ class MosaicConfig:
     states_stages: int = 2
     states_warpgroups: int = 2
     keep_states: bool = True
-    mosaic_state_grads: bool = False
+    mosaic_state_grads: bool = True
 
     def __post_init__(self):
         L = self.chunk_size
