@@ -1,5 +1,6 @@
 """Prefill and decode throughput of `tfla_jax.layers` (prefill = `model(prompt)`, decode =
-`generate`) next to Hugging Face transformers' PyTorch xLSTMForCausalLM built from the same config,
+`generate`) on the model in `layers.inference_form` (impl "ours", converted once before timing, as
+a server would) and as built (impl "ours-built", `scan_blocks`), next to Hugging Face transformers' PyTorch xLSTMForCausalLM built from the same config,
 random weights, bf16, in one process; with the bandwidth / FLOP limits.
 
     decode ms/step = (generate(prompt, N) - prefill(prompt)) / (N - 1)
@@ -9,8 +10,9 @@ random weights, bf16, in one process; with the bandwidth / FLOP limits.
 N_matmul: parameters without the embedding table; cell: the mLSTM's 4 K V + L (K + V) FLOP per
 token, head and block (common.mlstm_counts). Peaks: common.PEAKS by device. The HF model runs its
 native PyTorch kernels (mode "inference": chunkwise prefill, recurrent step); torch and transformers
-are imported only on that path. Our `generate` time includes the once-per-call copy of the stacked
-block weights (`layers._decode_form`), amortised over N - 1 steps.
+are imported only on that path. "ours-built"'s `generate` time includes the once-per-call copy of
+the stacked block weights into the inference form, amortised over N - 1 steps; its prefill is
+`model(prompt)` on the stacked blocks.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_generate.py --models 7b \
         --batches 1,16 --prompts 2048 --out $OUT
@@ -20,6 +22,7 @@ Writes <out>/bench_generate.json after every row and prints a markdown table las
 """
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -68,7 +71,7 @@ def limits(cfg, B, T, peaks, chunk=64):
     return 1e3 * prefill, 1e3 * decode, weights + 2 * state
 
 
-def ours(cfg, B, T, n, reps):
+def ours(cfg, B, T, n, reps, built=False):
     """Our prefill and generate times (ms) for B prompts of T tokens and n new tokens."""
     import jax
     import jax.numpy as jnp
@@ -77,6 +80,8 @@ def ours(cfg, B, T, n, reps):
     from tfla_jax import layers
 
     model = nnx.jit(lambda: layers.xLSTMLM(cfg, rngs=nnx.Rngs(0)))()
+    if not built:
+        model = layers.inference_form(model)
     graphdef, variables = nnx.split(model)
     prompts = [jax.random.randint(jax.random.key(s), (B, T), 0, cfg.vocab_size, jnp.int32)
                for s in range(2)]
@@ -137,7 +142,8 @@ def main(argv=None):
     p.add_argument("--batches", default="1,16", help="comma-separated, e.g. 1,4,16,64")
     p.add_argument("--prompts", default="2048", help="prompt lengths, e.g. 128,2048,32768")
     p.add_argument("--new-tokens", type=int, default=128, help="N of generate (>= 2)")
-    p.add_argument("--impls", default="ours,hf", help="ours (tfla_jax), hf (transformers)")
+    p.add_argument("--impls", default="ours,hf",
+                   help="ours (tfla_jax, inference_form), ours-built (as built), hf (transformers)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--peak-tbps", type=float)
@@ -161,7 +167,8 @@ def main(argv=None):
             for B in (int(b) for b in args.batches.split(",")):
                 for T in (int(t) for t in args.prompts.split(",")):
                     try:
-                        run = dict(ours=ours, hf=hf)[impl]
+                        run = dict(ours=ours, hf=hf, **{"ours-built": functools.partial(
+                            ours, built=True)})[impl]
                         pre, gen = run(cfg, B, T, args.new_tokens, args.reps)
                         r = row(name, impl, cfg, B, T, args.new_tokens, pre, gen, peaks)
                     except Exception as e:  # noqa: BLE001 - record (OOM, missing peer), go on

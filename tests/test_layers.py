@@ -763,6 +763,35 @@ def test_decode_form_step_equals_step(tensors, scan, dtype, param_dtype):
     assert not fused or (blocks[0].mlstm_layer.gate_kernel is None) == (param_dtype == jnp.bfloat16)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["blocks", "scan_blocks"])
+def test_inference_form_runs_like_the_model(tensors, scan):
+    """`inference_form`: a sequence call (packed documents, an initial state), step and generate
+    equal the model's (bf16: to its rounding; the fused dots), without touching the model; a
+    converted model converts to itself (`generate` runs it as it is)."""
+    cfg = dataclasses.replace(FAST, scan_blocks=scan, dtype=jnp.bfloat16,
+                              param_dtype=jnp.bfloat16)
+    model = model_from_tensors(cfg, tensors)
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    fast = layers.inference_form(model)
+    assert layers.inference_form(fast) is fast
+    assert isinstance(fast.blocks[0].mlstm_layer, layers._DecodeMLSTMLayer)
+    tok = tokens_for(cfg)
+    ids = jnp.asarray(np.repeat([1, 2], [5, T - 5])[None].repeat(B, 0))
+    _, s0 = forward(model, tok[:, :3])
+    run = nnx.jit(lambda m, t, s, i: m(t, s, return_state=True, segment_ids=i))
+    for x, y, name in zip(jax.tree.leaves(run(fast, tok, s0, ids)),
+                          jax.tree.leaves(run(model, tok, s0, ids)),
+                          ("logits", "c", "n", "m")):
+        assert_close(x.astype(jnp.float32), y.astype(jnp.float32), 2e-2, f"sequence {name}")
+    step = nnx.jit(lambda m, t, s: m.step(t, s))
+    for x, y in zip(jax.tree.leaves(step(fast, tok[:, 0], s0)),
+                    jax.tree.leaves(step(model, tok[:, 0], s0))):
+        assert_close(x, y, 2e-2, "step")
+    np.testing.assert_array_equal(generate(fast, tok[:, :5], 3), generate(model, tok[:, :5], 3))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)),
+                 before)
+
+
 def test_generate_prompts_of_different_lengths(tensors):
     model = model_from_tensors(FAST, tensors)
     prompt = tokens_for(FAST, (B, 7))

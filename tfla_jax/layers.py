@@ -33,7 +33,8 @@ from tfla_jax import api
 from tfla_jax.state import MLSTMState
 
 __all__ = ["xLSTMConfig", "RMSNorm", "MultiHeadLayerNorm", "mLSTMLayer", "FeedForward", "mLSTMBlock",
-           "xLSTMLM", "generate", "sample_logits", "soft_cap", "small_init_std", "wang_init_std"]
+           "xLSTMLM", "generate", "inference_form", "sample_logits", "soft_cap", "small_init_std",
+           "wang_init_std"]
 
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
 
@@ -853,7 +854,7 @@ def _concat_kernels(linears, dtype):
 
 
 class _DecodeMLSTMLayer(nnx.Module):  # noqa: N801
-    """`mLSTMLayer.step` with the six input projections in one matmul (the decode form's layer):
+    """`mLSTMLayer` with the six input projections in one matmul (the inference form's layer):
     kernel (d, 2 qk_dim + 2 v_dim [+ 2 H]) = [q | k | v | ogate_preact (| igate | fgate)].
 
     The gates are float32 dots at HIGHEST of x and kernel cast to float32; that is the arithmetic
@@ -874,8 +875,8 @@ class _DecodeMLSTMLayer(nnx.Module):  # noqa: N801
         self.gate_bias = nnx.Param(jnp.concatenate([g.bias[...].astype(jnp.float32)
                                                     for g in gates]))
 
-    def step(self, x: jax.Array, state: MLSTMState | None) -> tuple[jax.Array, MLSTMState]:
-        """As `mLSTMLayer.step`: x (B, d) -> (y (B, d), new MLSTMState)."""
+    def _project(self, x):
+        """As `mLSTMLayer._project`, from one matmul (and the gates' second one, unfused)."""
         cfg = self.config
         qk, v_dim, H = cfg.qk_dim, cfg.v_dim, cfg.num_heads
         x = x.astype(cfg.dtype)
@@ -890,12 +891,12 @@ class _DecodeMLSTMLayer(nnx.Module):  # noqa: N801
                         precision=lax.Precision.HIGHEST)
         g = soft_cap(g + self.gate_bias[...], cfg.gate_soft_cap)
         heads = x.shape[:-1] + (H,)
-        h, state = api.mlstm_step(q.reshape(*heads, cfg.qk_head_dim),
-                                  k.reshape(*heads, cfg.qk_head_dim),
-                                  v.reshape(*heads, cfg.v_head_dim), g[..., :H], g[..., H:],
-                                  state, eps=cfg.eps)
-        return self._output(h, o), state
+        return (q.reshape(*heads, cfg.qk_head_dim), k.reshape(*heads, cfg.qk_head_dim),
+                v.reshape(*heads, cfg.v_head_dim), o, g[..., :H], g[..., H:])
 
+    # The sequence call and the step of mLSTMLayer, on the fused projections.
+    __call__ = mLSTMLayer.__call__
+    step = mLSTMLayer.step
     _output = mLSTMLayer._output     # the same out_proj and multihead_norm, by the same names
 
 
@@ -913,15 +914,34 @@ class _DecodeFeedForward(nnx.Module):
         return self.proj_down(jax.nn.silu(gate) * up)
 
 
-def _decode_form(model: xLSTMLM) -> xLSTMLM:
+def inference_form(model: xLSTMLM) -> xLSTMLM:
+    """The model as `generate` runs it, for serving: convert once, then prefill (`model(tokens)`),
+    `step` and `generate` on it run without copying a weight. The blocks are a list (no slice of
+    stacked parameters: each is a copy of the weight it reads), every matmul weight is in its
+    layer's compute dtype, and the matmuls on one input are one (the six input projections of
+    an mLSTM layer, the two up-projections of an FFN). The same results as `model` up to float32
+    rounding (the fused dots); its parameters are no longer the checkpoint layout, so train and
+    save the original. The caller's model is unchanged; a converted model is returned as is."""
+    return _decode_form(model, fuse=True)
+
+
+def _is_inference_form(model: xLSTMLM) -> bool:
+    return (not model.config.scan_blocks
+            and isinstance(model.blocks[0].mlstm_layer, _DecodeMLSTMLayer))
+
+
+def _decode_form(model: xLSTMLM, *, fuse: bool = False) -> xLSTMLM:
     """The model as the decode loop runs it (inside jit; the same values, the same results):
     the blocks as a list (stacked parameters sliced once here, not by every step: inside the
     token loop a slice of a stacked weight is a copy of it, 3x the weight bytes per step), every
-    matmul weight already in its layer's compute dtype (not cast by every step), and, where these
-    copy the weights anyway (`scan_blocks` or a cast), the matmuls on one input concatenated
-    (`_DecodeMLSTMLayer`, `_DecodeFeedForward`: fewer kernels per step) instead: at most one
-    copy of the blocks' matmul weights while `generate` runs, none for a list of blocks whose
-    parameters are in the compute dtype (its layers run unfused on their own arrays)."""
+    matmul weight already in its layer's compute dtype (not cast by every step), and, with
+    `fuse` or where these copy the weights anyway (`scan_blocks` or a cast), the matmuls on one
+    input concatenated (`_DecodeMLSTMLayer`, `_DecodeFeedForward`: fewer kernels per step):
+    inside `generate` at most one copy of the blocks' matmul weights, none for a list of blocks
+    whose parameters are in the compute dtype (its layers run unfused on their own arrays) or
+    for a model already in `inference_form`."""
+    if _is_inference_form(model):
+        return model
     model = nnx.merge(*nnx.split(model))                      # a copy: the caller's is unchanged
     cfg = model.config
     if cfg.scan_blocks:
@@ -935,7 +955,7 @@ def _decode_form(model: xLSTMLM) -> xLSTMLM:
             module.kernel.value = module.kernel.value.astype(module.dtype)
         elif isinstance(module, nnx.Embed) and module.dtype is not None:
             module.embedding.value = module.embedding.value.astype(module.dtype)
-    if cfg.scan_blocks or cfg.param_dtype != cfg.dtype:
+    if fuse or cfg.scan_blocks or cfg.param_dtype != cfg.dtype:
         for block in model.blocks:
             block.mlstm_layer = _DecodeMLSTMLayer(block.mlstm_layer)
             block.ffn = _DecodeFeedForward(block.ffn)
@@ -950,11 +970,13 @@ def _generate(graphdef, variables, prompt, segment_ids, key, temperature, greedy
     Returns (tokens (B, max_new_tokens), state)."""
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, greedy=greedy)
     keys = None if greedy else jax.random.split(key, max_new_tokens)
-    model = nnx.merge(graphdef, variables)
+    # Prefill and decode on the decode form: one copy of weights per call at most (none when
+    # the model is in inference_form), where slicing stacked blocks copies them in the prefill.
+    model = _decode_form(nnx.merge(graphdef, variables))
     logits, state = model(prompt, return_state=True, segment_ids=segment_ids)   # prefill
     first = sample(logits[:, -1], None if greedy else keys[0])
     done = (eos >= 0) & (first == eos)
-    decode_graphdef, decode_variables = nnx.split(_decode_form(model))
+    decode_graphdef, decode_variables = nnx.split(model)
     states = [jax.tree.map(lambda a, b=b: a[b], state) for b in range(model.config.num_blocks)]
 
     def decode(carry, key):
