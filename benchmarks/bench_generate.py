@@ -148,12 +148,12 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--peak-tbps", type=float)
     p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke test: tiny config, B 1,2, prompt 16, 8 new tokens, ours only")
+                   help="CPU smoke test: tiny config, B 1,2, prompt 16, 8 new tokens, ours and ours-built")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.batches, args.prompts, args.new_tokens, args.impls, args.reps = (
-            "tiny", "1,2", "16", 8, "ours", 3)
+            "tiny", "1,2", "16", 8, "ours,ours-built", 3)
     import jax
 
     info = common.run_info(bench="bench_generate")

@@ -28,6 +28,7 @@ HEADLINE = Shape(B=8, T=8192, H=8, K=256, V=512)  # the xLSTM 7B head shape
 T_SWEEP = [Shape(B=TOKENS // T, T=T, H=8, K=256, V=512) for T in (1024 * 2 ** j for j in range(7))]
 # Issue 10's bar: T = 2K, 8K and 32K at constant tokens.
 BAR = [s for s in T_SWEEP if s.T in (2048, 8192, 32768)]
+LONG = [s for s in T_SWEEP if s.T >= 32768]   # B * H <= 16: the state kernels' grid is small
 HEAD_SWEEP = [dataclasses.replace(HEADLINE, K=K, V=V) for K, V in ((128, 128), (256, 256), (256, 512))]
 SMOKE = Shape(B=1, T=64, H=2, K=32, V=32, dtype="float32")  # CPU, interpret=True
 # --check: bf16 kernels vs the float32 chunkwise reference on the same inputs (smoke: itself).
@@ -37,7 +38,7 @@ CHECK = Shape(B=2, T=4096, H=8, K=256, V=512)
 ATTENTION_HEADS = {"default": (32, 128), SMOKE: (2, 32)}
 
 SETS = {"headline": [HEADLINE], "t_sweep": T_SWEEP, "head_sweep": HEAD_SWEEP, "smoke": [SMOKE],
-        "check": [CHECK], "bar": BAR}
+        "check": [CHECK], "bar": BAR, "long": LONG}
 
 
 def shapes(names: str) -> list:
