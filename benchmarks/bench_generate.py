@@ -1,7 +1,8 @@
 """Prefill and decode throughput of `tfla_jax.layers` (prefill = `model(prompt)`, decode =
 `generate`) on the model in `layers.inference_form` (impl "ours", converted once before timing, as
-a server would) and as built (impl "ours-built", `scan_blocks`), next to Hugging Face transformers' PyTorch xLSTMForCausalLM built from the same config,
-random weights, bf16, in one process; with the bandwidth / FLOP limits.
+a server would) and as built (impl "ours-built", `scan_blocks`), next to Hugging Face
+transformers' PyTorch xLSTMForCausalLM built from the same config, random weights, bf16, in one
+process; with the bandwidth / FLOP limits.
 
     decode ms/step = (generate(prompt, N) - generate(prompt, 1)) / (N - 1)    ours
                      (generate(prompt, N) - prefill(prompt)) / (N - 1)        HF
@@ -153,7 +154,8 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--peak-tbps", type=float)
     p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke test: tiny config, B 1,2, prompt 16, 8 new tokens, ours and ours-built")
+                   help="CPU smoke test: tiny config, B 1,2, prompt 16, 8 new tokens, ours and "
+                        "ours-built")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     if args.smoke:
