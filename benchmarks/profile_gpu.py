@@ -3,11 +3,14 @@
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/profile_gpu.py train [train_lm flags]
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/profile_gpu.py prefill     # 7B, B 1, T 2048
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/profile_gpu.py decode      # 7B, B 1
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/profile_gpu.py mlstm --T 8192,32768
 
 train: the medium preset's train step at 16 x 2048 (examples/train_lm.py, its defaults plus the
 flags given), two steps; prefill: `model(prompt, return_state=True)` of the 7B shape (bf16,
 `scan_blocks=True`, weights 0.01), two calls; decode: `generate` of 65 tokens after a 128-token
-prompt, per decode step. Prints GPU busy time, kernels per step and the 40 largest kernels;
+prompt, per decode step (prefill and decode run `layers.inference_form(model)`; `--built` profiles
+the model as built); mlstm: `tfla_jax.mlstm` forward and forward+backward at 65,536 tokens, H 8,
+K 256, V 512, bf16, per T of `--T` and gate of `--gates` (bench_mlstm's calls). Prints GPU busy time, kernels per step and the 40 largest kernels;
 writes <out>/prof_<mode>.json. The trace is the profiler's Perfetto JSON (no TensorBoard needed).
 """
 
@@ -21,8 +24,9 @@ import sys
 import time
 
 
-def kernel_times(trace_dir, steps, out, tag):
-    """Sums the GPU stream events of the trace under trace_dir; prints and writes the table."""
+def kernel_times(trace_dir, steps, out, tag, top=40):
+    """Sums the GPU stream events of the trace under trace_dir; prints and writes the table of
+    the `top` largest kernels; returns the GPU busy ms per step."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
     ev = json.load(gzip.open(files[-1]))
     ev = ev["traceEvents"] if isinstance(ev, dict) else ev
@@ -44,11 +48,12 @@ def kernel_times(trace_dir, steps, out, tag):
     print(f"[{tag}] GPU busy {busy:.2f} ms per step over {(span[1] - span[0]) / steps / 1e3:.2f} "
           f"ms, kernels per step {sum(count.values()) / steps:.0f}")
     rows = [dict(name=n[:120], ms_per_step=us / steps / 1e3, calls_per_step=count[n] / steps)
-            for n, us in total.most_common(40)]
+            for n, us in total.most_common(top)]
     for r in rows:
         print(f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:6.0f}x  {r['name']}")
     with open(os.path.join(out, f"prof_{tag}.json"), "w") as fh:
         json.dump(dict(rows=rows, busy_ms=busy, kernels=sum(count.values()) / steps), fh, indent=1)
+    return busy
 
 
 def seven_b():
@@ -66,9 +71,40 @@ def seven_b():
     return graphdef, jax.tree.map(fill, abstract)
 
 
+def profile_mlstm(args, trace):
+    """Per T and gate: the forward and forward+backward of bench_mlstm, three calls each."""
+    import jax
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_mlstm
+    import common
+    import specs
+
+    api = common.Tfla(common.import_tfla())
+    for T in (int(t) for t in args.T.split(",")):
+        shape = specs.Shape(B=specs.TOKENS // T, T=T, H=8, K=256, V=512)
+        arrays = bench_mlstm.input_sets(shape, 0, n=1)[0]
+        for gate in args.gates.split(","):
+            for fwdbwd in (False, True):
+                fn, names, _ = bench_mlstm.build(api, args.impl, shape, gate, None, {}, False,
+                                                 fwdbwd)
+                call = lambda: fn(*(arrays[n] for n in names))  # noqa: E731
+                for _ in range(3):
+                    jax.block_until_ready(call())
+                tag = f"mlstm_T{T}_{gate}_{'fwdbwd' if fwdbwd else 'fwd'}"
+                with jax.profiler.trace(f"{trace}/{tag}", create_perfetto_trace=True):
+                    for _ in range(3):
+                        jax.block_until_ready(call())
+                kernel_times(f"{trace}/{tag}", 3, args.out, tag)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("train", "prefill", "decode"))
+    p.add_argument("mode", choices=("train", "prefill", "decode", "mlstm"))
+    p.add_argument("--built", action="store_true", help="prefill / decode: the model as built")
+    p.add_argument("--T", default="8192,32768", help="mlstm: sequence lengths")
+    p.add_argument("--gates", default="exp,sigmoid", help="mlstm: bench_mlstm gate names")
+    p.add_argument("--impl", default="pallas", help="mlstm: the implementation")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args, extra = p.parse_known_args(argv)
     import jax
@@ -98,8 +134,13 @@ def main(argv=None):
             jax.block_until_ready(state)
         kernel_times(trace, 2, args.out, "train")
         return
+    if args.mode == "mlstm":
+        profile_mlstm(args, trace)
+        return
     from tfla_jax import layers
     graphdef, variables = seven_b()
+    if not args.built:
+        graphdef, variables = nnx.split(layers.inference_form(nnx.merge(graphdef, variables)))
     if args.mode == "prefill":
         prefill = jax.jit(lambda v, p: nnx.merge(graphdef, v)(p, return_state=True))
         prompt = jnp.ones((1, 2048), jnp.int32)

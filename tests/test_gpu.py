@@ -39,6 +39,7 @@ CASES = [
     ("4L+3-L256", 1, 1027, 1, 128, 256, "sigmoid", True, 256, False),
     ("unnormalized", 2, 300, 2, 64, 64, "sigmoid", False, 128, True),
     ("K256V256-zero-state", 2, 600, 2, 256, 256, "exp", True, 256, False),
+    ("NC258-L128", 1, 33000, 1, 64, 64, "exp", True, 128, True),   # > 256 chunks: long T
 ]
 
 

@@ -39,7 +39,9 @@ SHIPPED = (
        (2, 1000, 4, 96, 192, jnp.bfloat16, "exp", None),
        (1, 512, 2, 512, 512, jnp.bfloat16, "exp", None),
        (2, 256, 2, 64, 128, jnp.float32, "sigmoid", None),
-       (1, 7, 1, 20, 24, jnp.bfloat16, "exp", None)])
+       (1, 7, 1, 20, 24, jnp.bfloat16, "exp", None),
+       # more than 256 chunks: the per-chunk decays exceed one TMA copy
+       (1, 65536, 2, 256, 512, jnp.bfloat16, "sigmoid", 128)])
 
 
 def _sds(shape, dtype, sharding=None):

@@ -176,15 +176,15 @@ def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float, seg_start=None) ->
     lead, (NC, L) = F.shape[:-2], F.shape[-2:]
     reset = F <= RESET_LOG_F if seg_start is None else (F <= RESET_LOG_F) | seg_start
     idx = lax.broadcasted_iota(jnp.int32, F.shape, F.ndim - 1)
-    start = lax.cummax(jnp.where(reset, idx, 0), axis=F.ndim - 1)
-    reset_before = lax.cummax(reset.astype(jnp.int32), axis=F.ndim - 1) > 0      # some r <= tau
+    start = _materialise(lax.cummax(jnp.where(reset, idx, 0), axis=F.ndim - 1))
+    reset_before = _materialise(lax.cummax(reset.astype(jnp.int32), axis=F.ndim - 1)) > 0
     F_seg = jnp.where(reset, 0.0, F)                      # keeps |bh| <= L 2^12: lo resolves it
-    bh, bl = compensated_cumsum(F_seg)
+    bh, bl = _materialise(compensated_cumsum(F_seg))
     g = bh[..., -1] + bl[..., -1]                                   # [..., NC]
-    a, reset_after = write_log_weights(F, logi, reset)
+    a, reset_after = _materialise(write_log_weights(F, logi, reset))
     log_scale = jnp.log(jnp.asarray(scale, F.dtype))
     if exp_gate:
-        G, A = stabiliser_maps(F, logi, seg_start)                  # max_s (b_tau-b_s+logi_s)
+        G, A = _materialise(stabiliser_maps(F, logi, seg_start))    # max_s (b_tau-b_s+logi_s)
         G = jnp.sum(F, -1) if seg_start is None else G[..., -1]    # -inf: a start in the chunk
         G, A = lax.stop_gradient(G), lax.stop_gradient(A)
         G, M = lax.associative_scan(_compose, (G, A[..., -1]), axis=-1)
@@ -217,6 +217,13 @@ def chunk_gates(F, logi, m0, *, exp_gate: bool, scale: float, seg_start=None) ->
         m_row=flat(m_row),
         m_states=m_states,
     )
+
+
+def _materialise(x):
+    """x, computed by a kernel of its own. XLA fuses the gate scans into one GPU kernel that
+    recomputes their shared terms; with each scan's result materialised the whole gate
+    preparation took 0.14 instead of 0.24 ms (H200, exp gate, B 8, T 8192, H 8)."""
+    return lax.optimization_barrier(x)
 
 
 def _masked_exp(killed, x):

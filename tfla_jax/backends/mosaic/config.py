@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 WGMMA_M = 64      # wgmma row tiles are multiples of this; head dims are padded to it
 MAX_N = 256       # wgmma column tiles are at most this
+TMA_BOX = 256     # a TMA copy moves at most this many elements per dimension
 MIN_CHUNK = 128  # the output kernel's CTA covers 2 x 64 query rows of one chunk
-MAX_CHUNK = 256  # a TMA copy moves at most 256 elements per dimension
+MAX_CHUNK = TMA_BOX  # a chunk's gate vectors arrive in one TMA copy
 MAX_K = 256       # the output kernel keeps q of 2 x 64 rows and 2 k tiles (64 x K) in SMEM
 
 # Two warpgroups per state-kernel CTA halve its grid; below this many CTAs (about one per SM

@@ -23,7 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, STATE_DTYPE, interpret_params, mma,
                                              row_vector, rows_times, smem)
-from tfla_jax.backends.mosaic.config import warpgroup_split
+from tfla_jax.backends.mosaic.config import TMA_BOX, warpgroup_split
 
 MEMORY_REGISTERS = 40
 SLICE = 64   # columns of C_c per load of the carried terms
@@ -59,8 +59,15 @@ def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, bl
     # One SMEM allocation per K / V tile and per warpgroup (lists of refs, selected by a
     # static index): a wgmma operand cannot be indexed by a static int (the slot index is
     # traced), and a transposed operand stays a whole allocation.
+    # With one compute warpgroup, the memory warpgroup also prefetches C_c for the carried terms
+    # by TMA (one chunk ahead of its use); with two, their C tiles would not fit in SMEM and
+    # the compute warpgroups read C_c from GMEM at the chunk boundary.
+    prefetch = carried and n_wg == 1
+    first_sub = lambda j: irem(j, n_sub) == 0  # noqa: E731
+    chunk_of = lambda j: NC - 1 - idiv(j, n_sub) if reverse else idiv(j, n_sub)  # noqa: E731
+
     def body(a_smem, b_smem, w_smem, w2_smem, aw_smem, out_smem, decay_smem, y_smem, z_smem,
-             loaded, free, in_bars):
+             c_smem, loaded, free, in_bars, decay_bars, c_loaded, c_free):
         @pl.when(wg == n_wg)
         def _memory():
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
@@ -84,11 +91,26 @@ def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, bl
                         b_smem[u].at[slot], loaded.at[slot])
                 plgpu.copy_gmem_to_smem(w_ref.at[b, h, r], w_smem.at[slot], loaded.at[slot])
                 plgpu.copy_gmem_to_smem(w2_ref.at[b, h, r], w2_smem.at[slot], loaded.at[slot])
+                if prefetch:
+                    @pl.when(first_sub(j))
+                    def _():
+                        @pl.when(j > 0)
+                        def _():
+                            plgpu.barrier_wait(c_free)   # the previous chunk's C is read
+
+                        for p, tile in enumerate(c_smem):
+                            plgpu.copy_gmem_to_smem(
+                                c_ref.at[b, h, chunk_of(j), pl.ds(kt * block_k, block_k),
+                                         pl.ds(vt * block_v + p * SLICE, SLICE)],
+                                tile, c_loaded)
 
             # Observe the last releases too (every phase of a barrier is waited for).
             @pl.loop(max(n_steps, stages), n_steps + stages)
             def _(j):
                 plgpu.barrier_wait(free.at[irem(j, stages)])
+
+            if prefetch:
+                plgpu.barrier_wait(c_free)
 
         def compute(u):
             """Compute warpgroup u (static: every SMEM offset and TMA box is a constant)."""
@@ -101,14 +123,19 @@ def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, bl
             y_tiles = range(wk) if u == 0 else ()
             k_tile = lambda kk: pl.ds((kt * wk + kk) * block_k, block_k)  # noqa: E731
             my_aw, my_out, my_decay = aw_smem[u], out_smem[u], decay_smem[u]
-            plgpu.copy_gmem_to_smem(decay_ref.at[b, h], my_decay, in_bars.at[u, 0])
+            # A TMA copy moves at most TMA_BOX elements per dimension: the decays of a long
+            # sequence arrive in pieces, all on one barrier (one arrival per piece).
+            for p0 in range(0, my_decay.shape[0], TMA_BOX):
+                piece = pl.ds(p0, min(TMA_BOX, my_decay.shape[0] - p0))
+                plgpu.copy_gmem_to_smem(decay_ref.at[b, h, piece], my_decay.at[piece],
+                                        decay_bars.at[u])
             for kk in y_tiles:
                 plgpu.copy_gmem_to_smem(y0_ref.at[b, h, k_tile(kk)], y_smem[kk],
-                                        in_bars.at[u, 1 + kk])
+                                        in_bars.at[u, kk])
             x = plgpu.load(x0_ref.at[b, h, ks, vs], layout=plgpu.Layout.WGMMA, optimized=False)
-            plgpu.barrier_wait(in_bars.at[u, 0])
+            plgpu.barrier_wait(decay_bars.at[u])
             for kk in y_tiles:
-                plgpu.barrier_wait(in_bars.at[u, 1 + kk])
+                plgpu.barrier_wait(in_bars.at[u, kk])
             y = tuple(plgpu.load(y_smem[kk], layout=COLS) for kk in y_tiles)
 
             def store(idx, x, y):
@@ -128,12 +155,19 @@ def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, bl
                 """decay_c <C_c, X_{c+1}> over this tile's V columns, per K row (the
                 forget-gate gradient's boundary terms), C_c read in 64-column slices."""
                 z = None
+                if prefetch:
+                    plgpu.barrier_wait(c_loaded)
                 for p in range(block_v // SLICE):
-                    cols = pl.ds((vt * wv + vu) * block_v + p * SLICE, SLICE)
-                    c = plgpu.load(c_ref.at[b, h, chunk, ks, cols], layout=plgpu.Layout.WGMMA,
-                                   optimized=False).astype(F32)
-                    part = (c * x[:, p * SLICE:(p + 1) * SLICE]).sum(axis=1)
+                    if prefetch:
+                        c = plgpu.load(c_smem[p], layout=plgpu.Layout.WGMMA)
+                    else:
+                        cols = pl.ds((vt * wv + vu) * block_v + p * SLICE, SLICE)
+                        c = plgpu.load(c_ref.at[b, h, chunk, ks, cols],
+                                       layout=plgpu.Layout.WGMMA, optimized=False)
+                    part = (c.astype(F32) * x[:, p * SLICE:(p + 1) * SLICE]).sum(axis=1)
                     z = part if z is None else z + part
+                if prefetch:
+                    plgpu.barrier_arrive(c_free)
                 # store() has just waited for every earlier copy out of SMEM: z_smem is free.
                 z_smem[u][...] = z * my_decay[chunk]
                 plgpu.commit_smem()
@@ -142,10 +176,7 @@ def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, bl
             def step(j, carry):
                 x, y = carry
                 slot = irem(j, stages)
-                chunk = idiv(j, n_sub)
-                if reverse:
-                    chunk = NC - 1 - chunk
-                first = irem(j, n_sub) == 0
+                chunk, first = chunk_of(j), first_sub(j)
 
                 @pl.when(first)
                 def _():
@@ -190,9 +221,13 @@ def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, bl
         [plgpu.SMEM(decay_ref.shape[-1:], F32) for _ in range(n_wg)],
         [plgpu.SMEM((block_k,), F32) for _ in range(wk)],
         [plgpu.SMEM((block_k,), F32) for _ in range(n_wg if carried else 0)],
+        [smem((block_k, SLICE), STATE_DTYPE) for _ in range(block_v // SLICE if prefetch else 0)],
         plgpu.Barrier(num_arrivals=wk + wv + 2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
-        plgpu.Barrier(num_barriers=(n_wg, 1 + wk)),
+        plgpu.Barrier(num_barriers=(n_wg, wk)),
+        plgpu.Barrier(num_arrivals=-(-decay_ref.shape[-1] // TMA_BOX), num_barriers=n_wg),
+        plgpu.Barrier(num_arrivals=block_v // SLICE) if prefetch else None,
+        plgpu.Barrier() if prefetch else None,
         collective_axes="wg")
 
 
