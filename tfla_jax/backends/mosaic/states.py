@@ -9,7 +9,9 @@ and a memory warpgroup that streams the a / b rows through `stages` TMA slots in
 `block_t` rows. The warpgroups of a CTA share the rows they load (two along K share b = v, the
 wide operand), which halves the bytes a CTA brings in per state element. The row weight w is
 applied in registers on the way from the TMA tile to the wgmma operand; every boundary state
-goes out in bf16 (STATE_DTYPE) through an SMEM staging tile and a TMA store.
+goes out in bf16 (STATE_DTYPE) through an SMEM staging tile and a TMA store. The reverse
+recurrence with the carried terms also reads C_c at every chunk boundary: prefetched by the
+memory warpgroup with one compute warpgroup, read from GMEM with two (no SMEM left for it).
 """
 
 import functools
