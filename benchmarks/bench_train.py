@@ -79,6 +79,8 @@ def bench_one(preset, impl, args):
         flags += ["--loss-chunk", str(args.loss_chunk)]
     if args.remat_policy:
         flags += ["--remat-policy", args.remat_policy]
+    if args.scan_blocks is not None:
+        flags.append("--scan-blocks" if args.scan_blocks else "--no-scan-blocks")
     if args.dtype:
         flags += ["--dtype", args.dtype]
     run = train_lm.setup(train_lm.build_parser().parse_args(flags))
@@ -115,7 +117,8 @@ def bench_one(preset, impl, args):
         implementation=impl, dtype=cfg.dtype.name, params_m=cfg.num_params / 1e6,
         d=cfg.embedding_dim, blocks=cfg.num_blocks, heads=cfg.num_heads, K=cfg.qk_head_dim,
         V=cfg.v_head_dim, chunk=L, batch=batch, seq_len=seq_len, grad_accum=args.grad_accum,
-        remat=cfg.remat and cfg.remat_policy, loss_chunk=args.loss_chunk, steps_timed=args.steps,
+        remat=cfg.remat and cfg.remat_policy, scan_blocks=cfg.scan_blocks,
+        loss_chunk=args.loss_chunk, steps_timed=args.steps,
         compile_s=compile_s,
         step_ms=seconds / args.steps * 1e3, tokens_per_s=tokens_per_s,
         flops_per_token=flops_per_token, model_tflops=tokens_per_s * flops_per_token / 1e12,
@@ -140,6 +143,8 @@ def main(argv=None):
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="default: train_lm's (on GPU)")
     p.add_argument("--remat-policy", help="train_lm --remat-policy (default: train_lm's)")
+    p.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="train_lm --scan-blocks / --no-scan-blocks (default: the preset's)")
     p.add_argument("--loss-chunk", type=int, default=0, help="train_lm --loss-chunk")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: train_lm's auto")
     p.add_argument("--peak-tflops", type=float, help="default: common.PEAKS by device")

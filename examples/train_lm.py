@@ -63,7 +63,7 @@ RUNS_DIR = os.path.join("runs", "lm")  # default home of the runs, one directory
 RUN_DEFINING = ("data", "max_corpus_bytes", "val_fraction", "seq_len", "batch_size", "seed",
                 "preset", "embedding_dim", "num_blocks", "num_heads", "chunk_size", "dtype", "lr",
                 "min_lr_ratio", "warmup_steps", "weight_decay", "clip_norm", "b1", "b2",
-                "no_document_resets")
+                "no_document_resets", "scan_blocks")
 
 
 class UsageError(ValueError):
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-blocks", type=int, help="override the preset's depth")
     g.add_argument("--num-heads", type=int, help="override the preset's mLSTM heads")
     g.add_argument("--chunk-size", type=int, help="mLSTM chunk size (power of two)")
+    g.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the blocks as one lax.scan over stacked parameters (one block "
+                        "compiled) or, with --no-scan-blocks, as a Python loop (longer compile; "
+                        "no per-iteration slices of stacked weights and residuals); default: "
+                        "the preset's (medium, large: scanned)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (parameters stay float32); auto: bfloat16 on GPU/TPU, "
                         "float32 on CPU")
@@ -274,7 +279,7 @@ def build_config(args) -> xLSTMConfig:
                      remat_policy=args.remat_policy,
                      mlstm_implementation=None if args.mlstm_implementation == "auto"
                      else args.mlstm_implementation)
-    for name in ("embedding_dim", "num_blocks", "num_heads", "chunk_size"):
+    for name in ("embedding_dim", "num_blocks", "num_heads", "chunk_size", "scan_blocks"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     preset = getattr(xLSTMConfig, args.preset)

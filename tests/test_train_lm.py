@@ -175,6 +175,15 @@ def test_resume_without_an_intact_checkpoint_names_the_damage(stopped_run, tmp_p
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]  # left where they are
 
 
+@pytest.mark.parametrize("flags,scanned", [([], True), (["--no-scan-blocks"], False),
+                                           (["--preset", "tiny", "--scan-blocks"], True)])
+def test_scan_blocks_flag_sets_the_block_layout(flags, scanned):
+    """Default: the preset's layout (medium scans its blocks); the flag overrides it."""
+    args = train_lm.build_parser().parse_args(["--preset", "medium", *flags])
+    assert train_lm.build_config(args).scan_blocks is scanned
+    assert train_lm.run_flags(args)["scan_blocks"] == args.scan_blocks   # a resume must match
+
+
 def test_eval_batches_beyond_the_validation_text_are_clamped(capsys):
     args = train_lm.build_parser().parse_args(FAST + ["--eval-batches", "100000"])
     run = train_lm.setup(args)
