@@ -56,6 +56,28 @@ def test_state_recurrence_interpreted(reverse, dtype, K, V, block_v, warpgroups)
     assert rel(ys, rys) < 1e-5
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_decays_of_many_chunks_arrive_in_pieces_interpreted(reverse, monkeypatch):
+    """More chunks than one TMA copy moves (256 on the GPU; 4 here, so that 10 chunks, padded
+    to 12 decays, arrive in three pieces): every state still matches the recurrence."""
+    from tfla_jax.backends.mosaic import states
+
+    monkeypatch.setattr(states, "TMA_BOX", 4)
+    B, T, H, K, V, L = 1, 640, 1, 64, 64, 64
+    ks = jax.random.split(jax.random.key(6), 7)
+    a = jax.random.normal(ks[0], (B, T, H, K), jnp.bfloat16)
+    b = jax.random.normal(ks[1], (B, T, H, V), jnp.bfloat16)
+    w, w2 = jax.random.uniform(ks[2], (B, H, T)), jax.random.normal(ks[3], (B, H, T))
+    decay = jax.random.uniform(ks[4], (B, H, T // L), minval=0.5).at[0, 0, 9].set(0.0)
+    x0, y0 = jax.random.normal(ks[5], (B, H, K, V)), jax.random.normal(ks[6], (B, H, K))
+    xs, ys, last = state_recurrence(a, b, w, w2, decay, x0, y0, reverse=reverse, chunk_size=L,
+                                    warpgroups=1, interpret=True)
+    rxs, rys, rlast = _reference(a, b, w, w2, decay, x0, y0, L, reverse)
+    rel = lambda got, want: float(np.sqrt(np.mean((np.asarray(got, np.float64) - want) ** 2)  # noqa: E731
+                                          / np.mean(want ** 2)))
+    assert rel(xs, rxs) < 5e-3 and rel(last, rlast) < 5e-3 and rel(ys, rys) < 1e-5
+
+
 # Two warpgroups read C_c from GMEM; one has it prefetched by TMA (L = 128: two sub-blocks
 # a chunk, so the prefetch runs ahead of the boundary).
 @pytest.mark.parametrize("K,V,block_v,warpgroups,L", [(128, 64, None, 2, 64),
