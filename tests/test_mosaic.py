@@ -28,6 +28,11 @@ def _reference(a, b, w, w2, decay, x0, y0, L, reverse):
     return np.stack(xs, 2), np.stack(ys, 2), x
 
 
+def _rel(got, want):
+    """Relative RMS error of got against the float64 want."""
+    return float(np.sqrt(np.mean((np.asarray(got, np.float64) - want) ** 2) / np.mean(want ** 2)))
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 # (dtype, K, V, block_v, warpgroups): one compute warpgroup (both dtypes), two along K (sharing
 # b), two along V, one where two would fit.
@@ -48,12 +53,10 @@ def test_state_recurrence_interpreted(reverse, dtype, K, V, block_v, warpgroups)
     xs, ys, last = state_recurrence(a, b, w, w2, decay, x0, y0, reverse=reverse, chunk_size=L,
                                     block_v=block_v, warpgroups=warpgroups, interpret=True)
     rxs, rys, rlast = _reference(a, b, w, w2, decay, x0, y0, L, reverse)
-    rel = lambda got, want: float(np.sqrt(np.mean((np.asarray(got, np.float64) - want) ** 2)  # noqa: E731
-                                          / np.mean(want ** 2)))
     # bf16 states and the bf16 / fp16 operand (w a) bound the error; y is float32 throughout.
-    assert rel(xs, rxs) < 5e-3
-    assert rel(last, rlast) < 5e-3
-    assert rel(ys, rys) < 1e-5
+    assert _rel(xs, rxs) < 5e-3
+    assert _rel(last, rlast) < 5e-3
+    assert _rel(ys, rys) < 1e-5
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -73,9 +76,7 @@ def test_decays_of_many_chunks_arrive_in_pieces_interpreted(reverse, monkeypatch
     xs, ys, last = state_recurrence(a, b, w, w2, decay, x0, y0, reverse=reverse, chunk_size=L,
                                     warpgroups=1, interpret=True)
     rxs, rys, rlast = _reference(a, b, w, w2, decay, x0, y0, L, reverse)
-    rel = lambda got, want: float(np.sqrt(np.mean((np.asarray(got, np.float64) - want) ** 2)  # noqa: E731
-                                          / np.mean(want ** 2)))
-    assert rel(xs, rxs) < 5e-3 and rel(last, rlast) < 5e-3 and rel(ys, rys) < 1e-5
+    assert _rel(xs, rxs) < 5e-3 and _rel(last, rlast) < 5e-3 and _rel(ys, rys) < 1e-5
 
 
 # Two warpgroups read C_c from GMEM; one has it prefetched by TMA (L = 128: two sub-blocks
