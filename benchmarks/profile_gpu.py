@@ -12,7 +12,8 @@ prompt, per decode step (prefill and decode run `layers.inference_form(model)`; 
 the model as built); mlstm: `tfla_jax.mlstm` forward and forward+backward at 65,536 tokens, H 8,
 K 256, V 512, bf16, per T of `--T` and gate of `--gates` (bench_mlstm's calls), three calls each.
 Prints GPU busy time, kernels per step and the 40 largest kernels; writes <out>/prof_<mode>.json
-(mlstm: prof_mlstm_T<T>_<gate>_<pass>.json). The trace is the profiler's Perfetto JSON (no TensorBoard needed).
+(mlstm: prof_mlstm_T<T>_<gate>_<pass>.json). The trace is the profiler's Perfetto JSON (no
+TensorBoard needed).
 """
 
 import argparse

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.utils import rel_err
 from tfla_jax.backends.mosaic.states import state_recurrence
 
 
@@ -26,11 +27,6 @@ def _reference(a, b, w, w2, decay, x0, y0, L, reverse):
         y = decay[:, :, c, None] * y + aw2.sum(1)
     xs[0 if reverse else NC], ys[0 if reverse else NC] = x, y
     return np.stack(xs, 2), np.stack(ys, 2), x
-
-
-def _rel(got, want):
-    """Relative RMS error of got against the float64 want."""
-    return float(np.sqrt(np.mean((np.asarray(got, np.float64) - want) ** 2) / np.mean(want ** 2)))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -54,9 +50,9 @@ def test_state_recurrence_interpreted(reverse, dtype, K, V, block_v, warpgroups)
                                     block_v=block_v, warpgroups=warpgroups, interpret=True)
     rxs, rys, rlast = _reference(a, b, w, w2, decay, x0, y0, L, reverse)
     # bf16 states and the bf16 / fp16 operand (w a) bound the error; y is float32 throughout.
-    assert _rel(xs, rxs) < 5e-3
-    assert _rel(last, rlast) < 5e-3
-    assert _rel(ys, rys) < 1e-5
+    assert rel_err(xs, rxs) < 5e-3
+    assert rel_err(last, rlast) < 5e-3
+    assert rel_err(ys, rys) < 1e-5
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -76,7 +72,7 @@ def test_decays_of_many_chunks_arrive_in_pieces_interpreted(reverse, monkeypatch
     xs, ys, last = state_recurrence(a, b, w, w2, decay, x0, y0, reverse=reverse, chunk_size=L,
                                     warpgroups=1, interpret=True)
     rxs, rys, rlast = _reference(a, b, w, w2, decay, x0, y0, L, reverse)
-    assert _rel(xs, rxs) < 5e-3 and _rel(last, rlast) < 5e-3 and _rel(ys, rys) < 1e-5
+    assert rel_err(xs, rxs) < 5e-3 and rel_err(last, rlast) < 5e-3 and rel_err(ys, rys) < 1e-5
 
 
 # Two warpgroups read C_c from GMEM; one has it prefetched by TMA (L = 128: two sub-blocks
@@ -103,7 +99,7 @@ def test_carried_terms_interpreted(K, V, block_v, warpgroups, L):
     want = (np.asarray(decay, np.float64)[..., None]
             * np.einsum("bhckv,bhckv->bhck", np.asarray(c, np.float64)[:, :, :-1], rxs[:, :, 1:]))
     got = np.asarray(z, np.float64).sum(2)
-    err = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+    err = rel_err(got, want)
     assert z.shape == (B, H, V // (block_v or V), T // L, K)
     assert err < 5e-3, err
 
@@ -142,6 +138,5 @@ def test_mosaic_state_grads_match_triton_interpreted(monkeypatch):
     names = ["C", "n", "C_T", "dC", "dn", "dC_0", "zc"]
     for name, a, b in zip(names, jax.tree.leaves(handed[0]), jax.tree.leaves(handed[1])):
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        err = np.sqrt(np.mean((a - b) ** 2) / max(np.mean(a ** 2), 1e-30))
+        err = rel_err(b, a)
         assert err < 1e-3, f"{name}: {err:.2e}"
