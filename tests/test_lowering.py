@@ -25,9 +25,9 @@ H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
 KERNELS = tfla_jax.available_backends()
 # Per backend: {custom-call target: how many kernels a forward + backward lowers to}.
 CALLS = {"pallas_triton": {"__gpu$xla.gpu.triton": 7},
-         # Mosaic forward (chunk states, output) and reverse state recurrence on the kept
-         # chunk states; the backward's dq / dk / dv run on Triton.
-         "pallas_mosaic_gpu": {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3}}
+         # Mosaic forward (chunk states, output), reverse state recurrence on the kept chunk
+         # states and dv; the backward's dq / dk run on Triton.
+         "pallas_mosaic_gpu": {"mosaic_gpu_v2": 4, "__gpu$xla.gpu.triton": 2}}
 # (B, T, H, K, V, dtype, input gate, chunk size or None = the default)
 SHIPPED = (
     [(8, 8192, 8, 256, 512, jnp.bfloat16, g, L)
@@ -97,11 +97,13 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
     ("pallas_triton", {"keep_states": True}, {"__gpu$xla.gpu.triton": 6}),
     ("pallas_mosaic_gpu", {"keep_states": False}, {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5}),
     ("pallas_mosaic_gpu", {"mosaic_state_grads": False},
-     {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 4})])
+     {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 4}),
+    ("pallas_mosaic_gpu", {"mosaic_dv": False}, {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3})])
 def test_config_variants_lower_for_cuda(impl, overrides, calls):
     """Configs off their defaults. keep_states: kept, the backward takes the forward's chunk
     states (one kernel fewer); not kept, it recomputes them. mosaic_state_grads off: the
-    backward's reverse state recurrence on Triton's kernel instead of the Mosaic one."""
+    backward's reverse state recurrence on Triton's kernel instead of the Mosaic one;
+    mosaic_dv off: dv on Triton's kernel."""
     backend = tfla_jax.backends.get_backend(impl)
     cfg = backend.config_cls.default(256, 512, 8192, jnp.bfloat16, chunk_size=256)
     text = _lower(_value_and_grad(impl, "exp", None,

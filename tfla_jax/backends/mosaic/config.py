@@ -68,6 +68,8 @@ class MosaicConfig:
     mosaic_state_grads: with kept states, run the backward's reverse state recurrence (dC, dn
       and the forget gate's carried terms) on the Mosaic state kernel instead of Triton's
       (H200, headline shape: forward+backward 8.05 vs 8.22 ms, exp gate).
+    mosaic_dv: with mosaic_state_grads, dv on the output kernel transposed (`fwd.chunk_dv`)
+      instead of Triton's dv kernel.
     """
 
     chunk_size: int = 256
@@ -79,6 +81,7 @@ class MosaicConfig:
     states_warpgroups: int = 2
     keep_states: bool = True
     mosaic_state_grads: bool = True
+    mosaic_dv: bool = True
 
     def __post_init__(self):
         L = self.chunk_size
@@ -95,7 +98,7 @@ class MosaicConfig:
         if self.states_warpgroups not in (1, 2) or isinstance(self.states_warpgroups, bool):
             raise ValueError(f"MosaicConfig.states_warpgroups: expected 1 or 2, got "
                              f"{self.states_warpgroups!r}")
-        for name in ("keep_states", "mosaic_state_grads"):
+        for name in ("keep_states", "mosaic_state_grads", "mosaic_dv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MosaicConfig.{name}: expected a bool, got "
                                  f"{getattr(self, name)!r}")

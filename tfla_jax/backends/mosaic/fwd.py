@@ -32,17 +32,28 @@ from tfla_jax.backends.mosaic.common import (COLS, F32, LOG2E, ROWS, STATE_DTYPE
 
 ROW_VECTORS = ("bh", "row", "start", "w_inter", "floor")
 CHUNK_VECTORS = ("bh", "col")
+# transposed (dv): rows are keys s, the tiles queries t
+ROW_VECTORS_T = ("bh", "col", "w_state")
+CHUNK_VECTORS_T = ("bh", "row", "start", "inv_n")
 SLICE = 64          # K slice width of every q / k operand
 ROWS_PER_WG = 64    # query rows of one compute warpgroup
 KV_TILE = 64        # rows of a kv tile (a freed v slot stages a warpgroup's h: same shape)
 COMPUTE_WGS = 2
 
 
-def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_ref, den_ref, *,
-                   chunk_size, block_kv, block_v, H, normalize, eps, interpret):
+def _output_kernel(*refs, chunk_size, block_kv, block_v, H, normalize, eps, transpose,
+                   interpret):
     # q_ref, k_ref (B, T, H, K); v_ref (B, T, H, V); c_ref (B, H, NC+1, K, V) states;
-    # n_ref (B, H, NC+1, K) float32; row_refs / chunk_refs: dicts of (B, H, T) vectors;
-    # out h_ref (B, T, H, V), den_ref (B, H, T).
+    # n_ref (B, H, NC+1, K) float32 (not when transposed); row_refs / chunk_refs: dicts of
+    # (B, H, T) vectors; out h_ref (B, T, H, V), den_ref (B, H, T) (not when transposed).
+    # transpose (dv): q_ref holds k, k_ref q, v_ref dh, c_ref dC; out dv in h_ref.
+    if transpose:
+        q_ref, k_ref, v_ref, c_ref, row_refs, chunk_refs, h_ref = refs
+        n_ref = den_ref = None
+    else:
+        q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_ref, den_ref = refs
+    row_names, chunk_names = (ROW_VECTORS_T, CHUNK_VECTORS_T) if transpose else (
+        ROW_VECTORS, CHUNK_VECTORS)
     vt, qt, c, z = (lax.axis_index(n) for n in ("v", "q", "c", "bh"))
     wg = lax.axis_index("wg")
     b, h = idiv(z, H), irem(z, H)
@@ -52,8 +63,13 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
     cta_rows = COMPUTE_WGS * ROWS_PER_WG
     vs = pl.ds(vt * block_v, block_v)
     chunk0 = c * chunk_size
-    # kv tiles up to the diagonal of the last row of this CTA (all warpgroups see all of them).
-    n_kv = idiv((qt + 1) * cta_rows + block_kv - 1, block_kv)
+    # Tiles [j0, j1) reach this CTA's rows (all warpgroups see all of them): up to the diagonal
+    # of its last row, or transposed from the diagonal of its first row to the chunk's end.
+    if transpose:
+        j0, j1 = idiv(qt * cta_rows, block_kv), chunk_size // block_kv
+    else:
+        j0, j1 = 0, idiv((qt + 1) * cta_rows + block_kv - 1, block_kv)
+    state = c + 1 if transpose else c   # dC_{c+1}: the cotangent of the state leaving chunk c
 
     def body(q_smem, k_smem, vc_smem, c_smem, vecs, chunk_vecs, n_smem, p_smem, bars):
         # C slices and v tiles share slots and barriers; fp16 inputs need bf16 slots for C.
@@ -73,17 +89,18 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
             def fetch_vc(step, slot):
                 @pl.when(step < nk)
                 def _():
-                    plgpu.copy_gmem_to_smem(c_ref.at[b, h, c, pl.ds(step * SLICE, SLICE), vs],
-                                            c_smem.at[slot], vc_loaded.at[slot])
+                    plgpu.copy_gmem_to_smem(
+                        c_ref.at[b, h, state, pl.ds(step * SLICE, SLICE), vs], c_smem.at[slot],
+                        vc_loaded.at[slot])
 
                 @pl.when(step >= nk)
                 def _():
-                    j = step - nk
+                    j = j0 + step - nk
                     plgpu.copy_gmem_to_smem(
                         v_ref.at[b, pl.ds(chunk0 + j * block_kv, block_kv), h, vs],
                         vc_smem.at[slot], vc_loaded.at[slot])
 
-            @pl.loop(0, nk + n_kv)
+            @pl.loop(0, nk + j1 - j0)
             def _(step):
                 slot = irem(step, 2)
 
@@ -92,17 +109,17 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
                     plgpu.barrier_wait(vc_free.at[slot])
 
                 fetch_vc(step, slot)
-                j = step - nk
+                i = step - nk   # the i-th tile of this CTA; slots count from j0
 
-                @pl.when(j >= 0)
+                @pl.when(i >= 0)
                 def _():
-                    kslot = irem(j, 2)
+                    kslot = irem(i, 2)
 
-                    @pl.when(j >= 2)
+                    @pl.when(i >= 2)
                     def _():
                         plgpu.barrier_wait(k_free.at[kslot])
 
-                    fetch_k(j, kslot)
+                    fetch_k(j0 + i, kslot)
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -110,49 +127,82 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
             r0 = qt * cta_rows + wg * ROWS_PER_WG                    # first row in the chunk
             q_rows = pl.ds(chunk0 + r0, ROWS_PER_WG)
             my_q, my_vecs = q_smem.at[wg], {n: vecs[n].at[wg] for n in vecs}
-            my_chunk = {n: chunk_vecs[n].at[wg] for n in CHUNK_VECTORS}
+            my_chunk = {n: chunk_vecs[n].at[wg] for n in chunk_names}
             copies = [(q_ref.at[b, q_rows, h, pl.ds(u * SLICE, SLICE)], my_q.at[u])
                       for u in range(nk)]
-            copies += [(row_refs[n].at[b, h, q_rows], my_vecs[n]) for n in ROW_VECTORS]
+            copies += [(row_refs[n].at[b, h, q_rows], my_vecs[n]) for n in row_names]
             copies += [(chunk_refs[n].at[b, h, pl.ds(chunk0, chunk_size)], my_chunk[n])
-                       for n in CHUNK_VECTORS]
-            copies += [(n_ref.at[b, h, c, pl.ds(u * SLICE, SLICE)], n_smem.at[wg, u]) for u in range(nk)]
+                       for n in chunk_names]
+            if not transpose:
+                copies += [(n_ref.at[b, h, c, pl.ds(u * SLICE, SLICE)], n_smem.at[wg, u])
+                           for u in range(nk)]
             for idx, (src, dst) in enumerate(copies):
                 plgpu.copy_gmem_to_smem(src, dst, in_bars.at[wg, idx])
             for idx in range(len(copies)):
                 plgpu.barrier_wait(in_bars.at[wg, idx])
             load = lambda name: row_vector(my_vecs[name])  # noqa: E731
-            w_inter = load("w_inter")
+            w_rows = load("w_state" if transpose else "w_inter")
             scratch = p_smem.at[wg] if interpret else None
 
-            # 1. inter term and q . n_c, one K slice at a time.
+            # 1. inter term (and q . n_c), one K slice at a time.
             acc = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, block_v), F32), plgpu.Layout.WGMMA)
             qn = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG,), F32), ROWS)
             zero = c * 0   # a traced 0: wgmma operands cannot take static slot indices
             for u in range(nk):
                 slot = zero + u % 2
                 qu = plgpu.load(my_q.at[u], layout=plgpu.Layout.WGMMA).astype(F32)
-                nu = plgpu.load(n_smem.at[wg, u], layout=COLS)
-                qn = qn + (qu * lax.broadcast_in_dim(nu, qu.shape, [1])).sum(axis=1)
-                a = rows_times(w_inter, qu).astype(STATE_DTYPE)
+                if not transpose:
+                    nu = plgpu.load(n_smem.at[wg, u], layout=COLS)
+                    qn = qn + (qu * lax.broadcast_in_dim(nu, qu.shape, [1])).sum(axis=1)
+                a = rows_times(w_rows, qu).astype(STATE_DTYPE)
                 plgpu.barrier_wait(vc_loaded.at[slot])
                 acc = mma(acc, a, c_smem.at[slot], interpret=interpret,
                           scratch=scratch if interpret else None)
                 plgpu.barrier_arrive(vc_free.at[slot])
-            den = qn * w_inter
+            den = qn * w_rows
 
-            # 2. kv tiles up to this warpgroup's diagonal; the rest are only waited for.
-            bh_q, row_q, start_q = load("bh"), load("row"), load("start")
+            # 2. the tiles on this warpgroup's side of its diagonal; the rest are only waited for.
             shape = (ROWS_PER_WG, block_kv)
             q_pos = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
             kv_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
             rows_of = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
             cols_of = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
-            n_own = idiv(r0 + ROWS_PER_WG + block_kv - 1, block_kv)
+            if transpose:
+                own0, own1 = idiv(r0, block_kv), j1
+                bh_s, col_s = load("bh"), load("col")
+            else:
+                own0, own1 = 0, idiv(r0 + ROWS_PER_WG + block_kv - 1, block_kv)
+                bh_q, row_q, start_q = load("bh"), load("row"), load("start")
+
+            def weights(j, s):
+                """The gated score tile P * S of tile j (registers, WGMMA layout)."""
+                kv = pl.ds(j * block_kv, block_kv)
+                col_vec = lambda name: plgpu.load(my_chunk[name].at[kv], layout=COLS)  # noqa
+                kv_pos = j * block_kv + kv_iota
+                if transpose:   # rows s, columns t: log P_ts, t >= s >= start_t
+                    log_p = ((cols_of(col_vec("bh")) - rows_of(bh_s)) + cols_of(col_vec("row"))
+                             + rows_of(col_s))
+                    keep = (kv_pos >= q_pos) & (q_pos >= cols_of(col_vec("start")))
+                    return jnp.exp2(jnp.where(keep, log_p, -jnp.inf) * LOG2E) * (
+                        s * cols_of(col_vec("inv_n")))
+                log_p = ((rows_of(bh_q) - cols_of(col_vec("bh"))) + rows_of(row_q)
+                         + cols_of(col_vec("col")))
+                keep = (kv_pos <= q_pos) & (kv_pos >= rows_of(start_q))
+                return jnp.exp2(jnp.where(keep, log_p, -jnp.inf) * LOG2E) * s
+
+            def wait_only(j):
+                kslot, vslot = irem(j - j0, 2), irem(j - j0 + nk, 2)
+                plgpu.barrier_wait(k_loaded.at[kslot])
+                plgpu.barrier_arrive(k_free.at[kslot])
+                plgpu.barrier_wait(vc_loaded.at[vslot])
+                plgpu.barrier_arrive(vc_free.at[vslot])
+
+            if transpose:
+                pl.loop(j0, own0)(wait_only)
 
             def step(j, carry):
                 acc, den = carry
-                kslot, vslot = irem(j, 2), irem(j + nk, 2)
+                kslot, vslot = irem(j - j0, 2), irem(j - j0 + nk, 2)
                 plgpu.barrier_wait(k_loaded.at[kslot])
 
                 def scores(acc_ref):
@@ -162,29 +212,18 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
 
                 s = pl.run_scoped(scores, plgpu.ACC(shape, F32))
                 plgpu.barrier_arrive(k_free.at[kslot])
-                kv = pl.ds(j * block_kv, block_kv)
-                bh_k = plgpu.load(my_chunk["bh"].at[kv], layout=COLS)
-                col_k = plgpu.load(my_chunk["col"].at[kv], layout=COLS)
-                kv_pos = j * block_kv + kv_iota
-                log_p = (rows_of(bh_q) - cols_of(bh_k)) + rows_of(row_q) + cols_of(col_k)
-                keep = (kv_pos <= q_pos) & (kv_pos >= rows_of(start_q))
-                p = jnp.exp2(jnp.where(keep, log_p, -jnp.inf) * LOG2E) * s
-                den = den + p.sum(axis=1)
+                p = weights(j, s)
+                if not transpose:
+                    den = den + p.sum(axis=1)
                 plgpu.barrier_wait(vc_loaded.at[vslot])
                 acc = mma(acc, p.astype(dtype), vc_smem.at[vslot], interpret=interpret,
                           scratch=scratch)
                 plgpu.barrier_arrive(vc_free.at[vslot])
                 return acc, den
 
-            acc, den = lax.fori_loop(0, n_own, step, (acc, den))
-
-            @pl.loop(n_own, n_kv)
-            def _(j):
-                kslot, vslot = irem(j, 2), irem(j + nk, 2)
-                plgpu.barrier_wait(k_loaded.at[kslot])
-                plgpu.barrier_arrive(k_free.at[kslot])
-                plgpu.barrier_wait(vc_loaded.at[vslot])
-                plgpu.barrier_arrive(vc_free.at[vslot])
+            acc, den = lax.fori_loop(own0, own1, step, (acc, den))
+            if not transpose:
+                pl.loop(own1, j1)(wait_only)
 
             if normalize:
                 inv = 1.0 / (jnp.maximum(jnp.abs(den), load("floor")) + eps)
@@ -195,17 +234,19 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
             plgpu.barrier_wait(done)
             out = vc_smem.at[wg]
             out[...] = acc.astype(dtype)
-            my_vecs["floor"][...] = den
+            if not transpose:
+                my_vecs["floor"][...] = den
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out, h_ref.at[b, q_rows, h, vs])
 
-            @pl.when(vt == 0)
-            def _():
-                plgpu.copy_smem_to_gmem(my_vecs["floor"], den_ref.at[b, h, q_rows])
+            if not transpose:
+                @pl.when(vt == 0)
+                def _():
+                    plgpu.copy_smem_to_gmem(my_vecs["floor"], den_ref.at[b, h, q_rows])
 
             plgpu.wait_smem_to_gmem(0)
 
-    n_in = 2 * nk + len(ROW_VECTORS) + len(CHUNK_VECTORS)
+    n_in = (nk if transpose else 2 * nk) + len(row_names) + len(chunk_names)
     pl.run_scoped(
         body,
         smem((COMPUTE_WGS, nk, ROWS_PER_WG, SLICE), dtype),
@@ -213,9 +254,10 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
         smem((2, block_kv, block_v), dtype),
         None if jnp.dtype(dtype) == STATE_DTYPE else smem((2, SLICE, block_v), STATE_DTYPE),
         {n: plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.int32 if n == "start" else F32)
-         for n in ROW_VECTORS},
-        {n: plgpu.SMEM((COMPUTE_WGS, chunk_size), F32) for n in CHUNK_VECTORS},
-        plgpu.SMEM((COMPUTE_WGS, nk, SLICE), F32),
+         for n in row_names},
+        {n: plgpu.SMEM((COMPUTE_WGS, chunk_size), jnp.int32 if n == "start" else F32)
+         for n in chunk_names},
+        None if transpose else plgpu.SMEM((COMPUTE_WGS, nk, SLICE), F32),
         smem((COMPUTE_WGS, ROWS_PER_WG, block_kv), dtype) if interpret else None,
         (plgpu.Barrier(num_barriers=(COMPUTE_WGS, n_in)),
          plgpu.Barrier(num_arrivals=nk, num_barriers=2),
@@ -224,6 +266,22 @@ def _output_kernel(q_ref, k_ref, v_ref, c_ref, n_ref, row_refs, chunk_refs, h_re
          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
          plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
         collective_axes="wg")
+
+
+def _launch(inputs, out_type, *, T, H, V, chunk_size, block_v, transpose, name, **kw):
+    kernel = functools.partial(_output_kernel, chunk_size=chunk_size, block_kv=KV_TILE,
+                               block_v=block_v, H=H, transpose=transpose, **kw)
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(V // block_v, chunk_size // (COMPUTE_WGS * ROWS_PER_WG), T // chunk_size,
+              inputs[0].shape[0] * H),
+        grid_names=("v", "q", "c", "bh"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        interpret=interpret_params(kw["interpret"]),
+        kernel_name=name,
+    )(*inputs)
 
 
 def chunk_output(q, k, v, c_states, n_states, rows, chunk, *, chunk_size, normalize, eps,
@@ -236,19 +294,27 @@ def chunk_output(q, k, v, c_states, n_states, rows, chunk, *, chunk_size, normal
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    block_v = block_v or min(V, 256)
-    kernel = functools.partial(_output_kernel, chunk_size=chunk_size, block_kv=KV_TILE,
-                               block_v=block_v, H=H, normalize=normalize, eps=eps,
-                               interpret=interpret)
-    return plgpu.kernel(
-        kernel,
-        out_type=(jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
-                  jax.ShapeDtypeStruct((B, H, T), F32)),
-        grid=(V // block_v, chunk_size // (COMPUTE_WGS * ROWS_PER_WG), T // chunk_size, B * H),
-        grid_names=("v", "q", "c", "bh"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        interpret=interpret_params(interpret),
-        kernel_name="mlstm_fwd_output",
-    )(q, k, v, c_states, n_states, {n: rows[n] for n in ROW_VECTORS},
-      {n: chunk[n] for n in CHUNK_VECTORS})
+    return _launch(
+        (q, k, v, c_states, n_states, {n: rows[n] for n in ROW_VECTORS},
+         {n: chunk[n] for n in CHUNK_VECTORS}),
+        (jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct((B, H, T), F32)),
+        T=T, H=H, V=V, chunk_size=chunk_size, block_v=block_v or min(V, 256), transpose=False,
+        name="mlstm_fwd_output", normalize=normalize, eps=eps, interpret=interpret)
+
+
+def chunk_dv(q, k, dh, dc_states, rows, chunk, *, chunk_size, block_v=None, interpret=False):
+    """dv (B, T, H, V) in dh's dtype: the output kernel transposed (rows are keys s),
+        dv_s = w_state_s k_s dC_{c+1} + sum_{t >= s >= start_t} (k_s . q_t) P_ts inv_n_t dh_t.
+
+    q, k: (B, T, H, K), dh: (B, T, H, V) (as in `chunk_output`); dc_states (B, H, NC+1, K, V) in
+    STATE_DTYPE (index c+1: the cotangent of the state leaving chunk c); rows: dict of (B, H, T)
+    vectors `ROW_VECTORS_T`; chunk: dict of `CHUNK_VECTORS_T`.
+    """
+    B, T, H, K = q.shape
+    V = dh.shape[-1]
+    return _launch(
+        (k, q, dh, dc_states, {n: rows[n] for n in ROW_VECTORS_T},
+         {n: chunk[n] for n in CHUNK_VECTORS_T}),
+        jax.ShapeDtypeStruct((B, T, H, V), dh.dtype),
+        T=T, H=H, V=V, chunk_size=chunk_size, block_v=block_v or min(V, 256), transpose=True,
+        name="mlstm_bwd_dv", normalize=False, eps=0.0, interpret=interpret)

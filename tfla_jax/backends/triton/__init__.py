@@ -69,9 +69,9 @@ class TritonBackend(Backend):
                                 jnp.sum(zc, axis=(2, 3)), config=config, interpret=interpret)
 
     def intra_grads(self, q, k, v, dh, gates, norm, states, state_cots, zc, *, config,
-                    interpret):
+                    interpret, dv=None):
         """dq, dk, dv and the gate-gradient pieces (`KernelGrads`) from the chunk states and
-        their cotangents, both padded to this backend's head dims.
+        their cotangents, both padded to this backend's head dims (dv: given by the caller).
 
         states: (C (B, H, NC+1, K, V), n (B, H, NC+1, K), C_T); state_cots: (dC like C, dn like
         n, dC_0 (B, H, K, V)); C and dC in `state_dtype`; zc (B, H, NC): decay_c <C_c, dC_{c+1}>.
@@ -89,7 +89,8 @@ class TritonBackend(Backend):
         opts = dict(config=cfg, interpret=interpret)
         dq, qdq_off = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
         dk, kdk_off, kdk_inter, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
-        dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
+        if dv is None:
+            dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
         # decay_c (<C_c, dC_{c+1}> + <n_c, dn_{c+1}>) per chunk.
         zc = zc + gates.decay * jnp.sum(n_states[:, :, :-1] * dn_states[:, :, 1:], axis=-1)
         rsum = lambda x: jnp.sum(x, axis=2)  # noqa: E731  over K tiles
