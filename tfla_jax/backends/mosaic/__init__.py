@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from tfla_jax.backends.base import Backend, Call, ForwardOut, register
 from tfla_jax.backends.mosaic.config import (MAX_CHUNK, MAX_K, MIN_CHUNK, MosaicConfig,
                                              padded_head_dim)
+from tfla_jax.backends.mosaic.bwd import chunk_dq
+from tfla_jax.backends.mosaic.common import STATE_DTYPE
 from tfla_jax.backends.mosaic.fwd import chunk_dv, chunk_output
 from tfla_jax.backends.mosaic.states import state_recurrence
 from tfla_jax.backends.triton import BACKEND as TRITON, TritonConfig
@@ -113,17 +115,23 @@ class MosaicBackend(Backend):
             block_t=cfg.states_block_t, block_k=cfg.states_block_k, block_v=cfg.states_block_v,
             max_steps=cfg.states_stages, warpgroups=cfg.states_warpgroups, carried=c_states,
             interpret=interpret)
-        dv = None
+        rows = dict(bh=gates.bh, row=gates.row, col=gates.col, start=gates.start,
+                    w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
+                    dden=norm.dden)
+        qp, kp, dhp = pad_last(q, Kp), pad_last(k, Kp), pad_last(dh.astype(v.dtype), Vp)
+        dq = dv = None
         if cfg.mosaic_dv:
-            rows = dict(bh=gates.bh, col=gates.col, w_state=gates.w_state, row=gates.row,
-                        start=gates.start, inv_n=norm.inv_n)
-            dv = chunk_dv(pad_last(q, Kp), pad_last(k, Kp), pad_last(dh.astype(v.dtype), Vp),
-                          dc_states, rows, rows, chunk_size=cfg.chunk_size,
+            dv = chunk_dv(qp, kp, dhp, dc_states, rows, rows, chunk_size=cfg.chunk_size,
                           block_v=cfg.block_v, interpret=interpret)
+        if cfg.mosaic_dq and jnp.dtype(q.dtype) == STATE_DTYPE:
+            # fp16 inputs keep Triton's dq: the C_c^T slices share the ring with v (one dtype).
+            dq, qdq = chunk_dq(qp, kp, pad_last(v, Vp), dhp, c_states, n_states, rows, rows,
+                               chunk_size=cfg.chunk_size, interpret=interpret)
+            dq = (dq, qdq)
         cots = (to_triton(dc_states), dn_states[..., :Kt], dc_first[..., :Kt, :Vt])
         return TRITON.intra_grads(q, k, v, dh, gates, norm, triton_states, cots,
                                   jnp.sum(zc, axis=(2, 4)), config=tcfg, interpret=interpret,
-                                  dv=dv)
+                                  dq=dq, dv=dv)
 
 
 BACKEND = register(MosaicBackend())

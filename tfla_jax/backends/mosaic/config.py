@@ -70,6 +70,8 @@ class MosaicConfig:
       (H200, headline shape: forward+backward 8.05 vs 8.22 ms, exp gate).
     mosaic_dv: with mosaic_state_grads, dv on the output kernel transposed (`fwd.chunk_dv`)
       instead of Triton's dv kernel.
+    mosaic_dq: with mosaic_state_grads and bf16 inputs, dq on the Mosaic kernel (`bwd.chunk_dq`)
+      instead of Triton's.
     """
 
     chunk_size: int = 256
@@ -82,6 +84,7 @@ class MosaicConfig:
     keep_states: bool = True
     mosaic_state_grads: bool = True
     mosaic_dv: bool = True
+    mosaic_dq: bool = True
 
     def __post_init__(self):
         L = self.chunk_size
@@ -98,7 +101,7 @@ class MosaicConfig:
         if self.states_warpgroups not in (1, 2) or isinstance(self.states_warpgroups, bool):
             raise ValueError(f"MosaicConfig.states_warpgroups: expected 1 or 2, got "
                              f"{self.states_warpgroups!r}")
-        for name in ("keep_states", "mosaic_state_grads", "mosaic_dv"):
+        for name in ("keep_states", "mosaic_state_grads", "mosaic_dv", "mosaic_dq"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MosaicConfig.{name}: expected a bool, got "
                                  f"{getattr(self, name)!r}")

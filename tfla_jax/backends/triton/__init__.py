@@ -69,9 +69,10 @@ class TritonBackend(Backend):
                                 jnp.sum(zc, axis=(2, 3)), config=config, interpret=interpret)
 
     def intra_grads(self, q, k, v, dh, gates, norm, states, state_cots, zc, *, config,
-                    interpret, dv=None):
+                    interpret, dq=None, dv=None):
         """dq, dk, dv and the gate-gradient pieces (`KernelGrads`) from the chunk states and
-        their cotangents, both padded to this backend's head dims (dv: given by the caller).
+        their cotangents, both padded to this backend's head dims. Given by the caller: dv,
+        and dq as (dq, q . dq without the diagonal term (B, H, T)).
 
         states: (C (B, H, NC+1, K, V), n (B, H, NC+1, K), C_T); state_cots: (dC like C, dn like
         n, dC_0 (B, H, K, V)); C and dC in `state_dtype`; zc (B, H, NC): decay_c <C_c, dC_{c+1}>.
@@ -87,14 +88,18 @@ class TritonBackend(Backend):
                     w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
                     dden=norm.dden)
         opts = dict(config=cfg, interpret=interpret)
-        dq, qdq_off = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
+        if dq is None:
+            dq, qdq_off = intra_dq(q, k, v, dh, rows, c_states, n_states, **opts)
+            qdq_off = jnp.sum(qdq_off, axis=2)
+        else:
+            dq, qdq_off = dq
         dk, kdk_off, kdk_inter, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
         if dv is None:
             dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
         # decay_c (<C_c, dC_{c+1}> + <n_c, dn_{c+1}>) per chunk.
         zc = zc + gates.decay * jnp.sum(n_states[:, :, :-1] * dn_states[:, :, 1:], axis=-1)
         rsum = lambda x: jnp.sum(x, axis=2)  # noqa: E731  over K tiles
-        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r=rsum(qdq_off) - rsum(kdk_off),
+        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r=qdq_off - rsum(kdk_off),
                            kdk_inter=rsum(kdk_inter), kdk=rsum(kdk), zc=zc,
                            dc0=dc_first[..., :K, :V], dn0=dn_states[:, :, 0, :K])
 
