@@ -5,15 +5,16 @@ Per (b, h), chunk c, query row t (the Triton backend's `bwd.py` has the same mat
     dq_t  = sum_s dA_ts k_s + w_inter_t (inv_n_t dh_t C_c^T + dden_t n_c)
 and the row dot q_t . dq_t without the diagonal term (docs/math.md). dA is affine in the score
 dh_t . v_s, so the score dimension V is cut into blocks of up to 256 columns that each add their
-part of dA k (and of the inter term) into one float32 accumulator: the shared memory of a V=512
-row stack and tile would not fit. One CTA: 2 x 64 query rows of one chunk, two compute
-warpgroups and a memory warpgroup streaming two double-buffered TMA rings shared by both:
-  score ring  per V block: the C_c^T slices (K x 64) of the inter term, then the v tiles (64
-              rows x the block, as 64-wide slices) up to the diagonal of the second warpgroup;
+part of dA k into one float32 accumulator (a V = 512 row stack and tile would not fit in shared
+memory). One CTA: 2 x 64 query rows of one chunk, two compute warpgroups and a memory warpgroup
+streaming two double-buffered TMA rings shared by both:
+  score ring  the C_c^T slices (K x 64) of every V block, then per V block the v tiles (64
+              rows, as 64-wide slices) up to the diagonal of the second warpgroup, then q and k
+              of each warpgroup's own rows (as 64-wide K slices);
   out ring    the k tiles (64 x K), the B operand of dA k.
-A compute warpgroup keeps its dh rows of the block in SMEM; the score (wgmma), the gates and
-dA are in registers and dA is the register A operand of dA k. At the end q and k of its own
-rows come in through a freed slot for q . dq and the diagonal term.
+The inter term comes first, dh unscaled, and takes its row scale in float32. A
+compute warpgroup keeps its dh rows of one V block in SMEM; the score (wgmma), the gates and dA
+are in registers and dA is the register A operand of dA k.
 """
 
 import functools
@@ -43,52 +44,64 @@ def _dq_kernel(dh_ref, v_ref, k_ref, q_ref, c_ref, n_ref, row_refs, chunk_refs, 
     wg = lax.axis_index("wg")
     b, h = idiv(z, H), irem(z, H)
     K, V = k_ref.shape[-1], v_ref.shape[-1]
-    ns, nv = block_s // SLICE, V // block_s       # slices per V block, V blocks
+    ns, nv, nk = block_s // SLICE, V // block_s, K // SLICE
     dtype = dh_ref.dtype
     cta_rows = COMPUTE_WGS * ROWS_PER_WG
     chunk0 = c * chunk_size
     n_kv = idiv((qt + 1) * cta_rows + KV_TILE - 1, KV_TILE)   # tiles up to the CTA's diagonal
-    per_block = ns + n_kv                                      # score-ring steps per V block
+    # Score-ring steps: nv * ns C_c^T slices, nv * n_kv v tiles (V blocks in reverse order), then
+    # q and k of the own rows of each warpgroup (as K slices).
+    n_inter, n_tiles = nv * ns, nv * n_kv
+    block_of = lambda o: nv - 1 - o  # noqa: E731  the V block of the o-th tile pass
 
     def body(a_smem, s_ring, o_ring, vecs, chunk_vecs, n_smem, p_smem, bars):
-        in_bars, a_bars, end_bars, sc_loaded, s_loaded, s_free, o_loaded, o_free, done = bars
+        (in_bars, a_bars, sc_loaded, s_loaded, e_loaded, s_free, o_loaded, o_free,
+         done) = bars
 
         @pl.when(wg == COMPUTE_WGS)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.loop(0, nv * per_block)
-            def _(step):
-                slot, vb, i = irem(step, 2), idiv(step, per_block), irem(step, per_block)
-                cols = vb * block_s
+            def claim(step):
+                slot = irem(step, 2)
 
                 @pl.when(step >= 2)
                 def _():
                     plgpu.barrier_wait(s_free.at[slot])
 
-                @pl.when(i < ns)
-                def _():
+                return slot
+
+            @pl.loop(0, n_inter)
+            def _(step):
+                slot = claim(step)
+                plgpu.copy_gmem_to_smem(c_ref.at[b, h, c, :, pl.ds(step * SLICE, SLICE)],
+                                        s_ring.at[slot, pl.ds(0, K)], sc_loaded.at[slot])
+
+            @pl.loop(0, n_tiles)
+            def _(t):
+                slot = claim(n_inter + t)
+                cols = block_of(idiv(t, n_kv)) * block_s
+                rows = pl.ds(chunk0 + irem(t, n_kv) * KV_TILE, KV_TILE)
+                for u in range(ns):
                     plgpu.copy_gmem_to_smem(
-                        c_ref.at[b, h, c, :, pl.ds(cols + i * SLICE, SLICE)],
-                        s_ring.at[slot, pl.ds(0, K)], sc_loaded.at[slot])
+                        v_ref.at[b, rows, h, pl.ds(cols + u * SLICE, SLICE)],
+                        s_ring.at[slot, pl.ds(u * SLICE, SLICE)], s_loaded.at[slot])
+                oslot = irem(t, 2)
 
-                @pl.when(i >= ns)
+                @pl.when(t >= 2)
                 def _():
-                    j = i - ns
-                    rows = pl.ds(chunk0 + j * KV_TILE, KV_TILE)
-                    for u in range(ns):
-                        plgpu.copy_gmem_to_smem(
-                            v_ref.at[b, rows, h, pl.ds(cols + u * SLICE, SLICE)],
-                            s_ring.at[slot, pl.ds(u * SLICE, SLICE)], s_loaded.at[slot])
-                    o_step = vb * n_kv + j
-                    oslot = irem(o_step, 2)
+                    plgpu.barrier_wait(o_free.at[oslot])
 
-                    @pl.when(o_step >= 2)
-                    def _():
-                        plgpu.barrier_wait(o_free.at[oslot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], o_ring.at[oslot],
+                                        o_loaded.at[oslot])
 
-                    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], o_ring.at[oslot],
-                                            o_loaded.at[oslot])
+            for e, (src, w) in enumerate(((q_ref, 0), (q_ref, 1), (k_ref, 0), (k_ref, 1))):
+                slot = claim(n_inter + n_tiles + e)
+                rows = pl.ds(chunk0 + qt * cta_rows + w * ROWS_PER_WG, ROWS_PER_WG)
+                for u in range(nk):
+                    plgpu.copy_gmem_to_smem(src.at[b, rows, h, pl.ds(u * SLICE, SLICE)],
+                                            s_ring.at[slot, pl.ds(u * SLICE, SLICE)],
+                                            e_loaded.at[slot])
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -109,23 +122,10 @@ def _dq_kernel(dh_ref, v_ref, k_ref, q_ref, c_ref, n_ref, row_refs, chunk_refs, 
             inv_n, dden, w_inter = load("inv_n"), load("dden"), load("w_inter")
             bh_q, row_q, start_q = load("bh"), load("row"), load("start")
             scratch = p_smem.at[wg] if interpret else None
-
-            shape = (ROWS_PER_WG, KV_TILE)
-            q_pos = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-            kv_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            rows_of = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
-            cols_of = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
-            n_own = idiv(r0, KV_TILE) + 1      # tiles up to and including the diagonal one
-
-            # The n_c part of the inter term.
-            n_c = plgpu.load(n_smem.at[wg], layout=COLS)
-            acc = lax.broadcast_in_dim(w_inter * dden, (ROWS_PER_WG, K), [0]) * (
-                lax.broadcast_in_dim(n_c, (ROWS_PER_WG, K), [1]))
-            diag = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG,), F32), ROWS)
             zero = c * 0   # a traced 0: wgmma operands cannot take static slot indices
 
-            for vb in range(nv):
-                base = vb * per_block          # score-ring steps before this block
+            def load_a(vb):
+                """This warpgroup's dh rows of V block vb into SMEM (as 64-wide slices)."""
                 for u in range(ns):
                     plgpu.copy_gmem_to_smem(
                         dh_ref.at[b, q_rows, h, pl.ds(vb * block_s + u * SLICE, SLICE)],
@@ -133,26 +133,51 @@ def _dq_kernel(dh_ref, v_ref, k_ref, q_ref, c_ref, n_ref, row_refs, chunk_refs, 
                 for u in range(ns):
                     plgpu.barrier_wait(a_bars.at[wg, u])
 
-                # 1. inter term: (w_inter inv_n dh) C_c^T, one 64-column slice at a time.
+            def take(bar, slot):
+                plgpu.barrier_wait(bar.at[slot])
+                return s_ring.at[slot]
+
+            # 1. inter term dh C_c^T (dh exact in registers), scaled by w_inter inv_n in
+            # float32 before any tile adds in (a bf16 operand w dh would round the scale).
+            acc = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, K), F32), plgpu.Layout.WGMMA)
+            for vb in range(nv):
+                load_a(vb)
                 for u in range(ns):
-                    slot = zero + (base + u) % 2
-                    du = plgpu.load(my_a.at[u], layout=plgpu.Layout.WGMMA).astype(F32)
-                    a = rows_times(w_inter * inv_n, du).astype(dtype)
-                    plgpu.barrier_wait(sc_loaded.at[slot])
-                    acc = mma(acc, a, s_ring.at[slot, pl.ds(0, K)].transpose((1, 0)),
+                    slot = zero + (vb * ns + u) % 2
+                    tile = take(sc_loaded, slot)
+                    a = plgpu.load(my_a.at[u], layout=plgpu.Layout.WGMMA)
+                    acc = mma(acc, a, tile.at[pl.ds(0, K)].transpose((1, 0)),
                               interpret=interpret, scratch=scratch)
                     plgpu.barrier_arrive(s_free.at[slot])
+            n_c = plgpu.load(n_smem.at[wg], layout=COLS)
+            acc = rows_times(w_inter * inv_n, acc) + (
+                lax.broadcast_in_dim(w_inter * dden, acc.shape, [0])
+                * lax.broadcast_in_dim(n_c, acc.shape, [1]))
 
-                # 2. tiles up to this warpgroup's diagonal; the rest are only waited for.
-                def step(j, carry, vb=vb, base=base):
+            # 2. tiles up to this warpgroup's diagonal, per V block; the rest are only waited for.
+            shape = (ROWS_PER_WG, KV_TILE)
+            q_pos = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+            kv_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+            rows_of = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
+            cols_of = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
+            n_own = idiv(r0, KV_TILE) + 1      # tiles up to and including the diagonal one
+            diag = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG,), F32), ROWS)
+
+            for o in range(nv):
+                vb = block_of(o)
+                if o:
+                    load_a(vb)      # the last V block of the inter term is still in SMEM
+
+                def step(j, carry, o=o, vb=vb):
                     acc, diag = carry
-                    slot, oslot = irem(base + ns + j, 2), irem(vb * n_kv + j, 2)
-                    plgpu.barrier_wait(s_loaded.at[slot])
+                    t = o * n_kv + j
+                    slot, oslot = irem(n_inter + t, 2), irem(t, 2)
+                    tile = take(s_loaded, slot)
 
                     def scores(acc_ref):
                         for u in range(ns):
                             plgpu.wgmma(acc_ref, my_a.at[u],
-                                        s_ring.at[slot, pl.ds(u * SLICE, SLICE)].transpose((1, 0)))
+                                        tile.at[pl.ds(u * SLICE, SLICE)].transpose((1, 0)))
                         return acc_ref[...]
 
                     s = pl.run_scoped(scores, plgpu.ACC(shape, F32))
@@ -175,30 +200,49 @@ def _dq_kernel(dh_ref, v_ref, k_ref, q_ref, c_ref, n_ref, row_refs, chunk_refs, 
                 acc, diag = lax.fori_loop(0, n_own, step, (acc, diag))
 
                 @pl.loop(n_own, n_kv)
-                def _(j, vb=vb, base=base):
-                    slot, oslot = irem(base + ns + j, 2), irem(vb * n_kv + j, 2)
-                    plgpu.barrier_wait(s_loaded.at[slot])
+                def _(j, o=o):
+                    t = o * n_kv + j
+                    slot, oslot = irem(n_inter + t, 2), irem(t, 2)
+                    take(s_loaded, slot)
                     plgpu.barrier_arrive(s_free.at[slot])
                     plgpu.barrier_wait(o_loaded.at[oslot])
                     plgpu.barrier_arrive(o_free.at[oslot])
 
-            # 3. Both warpgroups are done with the rings: q and k of the own rows come in
-            # through slot wg for q . dq (without the diagonal) and the diagonal term.
+            # 3. q . dq without the diagonal, then the diagonal term, from the K slices of the
+            # own q and k rows (prefetched into the ring; the other warpgroup's are skipped).
+            col_t = plgpu.load(my_chunk["col"].at[pl.ds(r0, ROWS_PER_WG)], layout=ROWS)
+            d_diag = (diag * inv_n + dden) * jnp.exp2((row_q + col_t) * LOG2E)
+            cols = [pl.ds(u * SLICE, SLICE) for u in range(nk)]
+            part = lambda x, u: x[:, u * SLICE:(u + 1) * SLICE]  # noqa: E731
+            slice_of = lambda t, u: plgpu.load(t.at[cols[u]], layout=plgpu.Layout.WGMMA)  # noqa
+            first_e = n_inter + n_tiles    # ring steps: q of warpgroup 0, 1, then k of 0, 1
+
+            def own(e):
+                """Wait for epilogue step e (this warpgroup's), then the other one's, in the
+                order of each slot's phases; returns this warpgroup's tile and its slot."""
+                return take(e_loaded, irem(first_e + e, 2)), irem(first_e + e, 2)
+
+            def skip(e):
+                slot = irem(first_e + e, 2)
+                take(e_loaded, slot)
+                plgpu.barrier_arrive(s_free.at[slot])
+
+            tile, slot = own(wg)
+            qdq = sum((slice_of(tile, u).astype(F32) * part(acc, u)).sum(axis=1)
+                      for u in range(nk))
+            plgpu.barrier_arrive(s_free.at[slot])
+            my_vecs["qdq"][...] = qdq
+            skip(1 - wg)
+            tile, slot = own(2 + wg)
+            acc = jnp.concatenate([part(acc, u) + rows_times(d_diag, slice_of(tile, u).astype(F32))
+                                   for u in range(nk)], axis=1)
+            plgpu.barrier_arrive(s_free.at[slot])
+            skip(3 - wg)
+
+            # Both warpgroups are done with the rings: dq leaves through out-ring slot wg.
             plgpu.barrier_arrive(done)
             plgpu.barrier_wait(done)
             out = o_ring.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, h], out, end_bars.at[wg, 0])
-            plgpu.barrier_wait(end_bars.at[wg, 0])
-            qf = plgpu.load(out, layout=plgpu.Layout.WGMMA).astype(F32)
-            my_vecs["qdq"][...] = (qf * acc).sum(axis=1)
-            plgpu.commit_smem()     # every thread has read q before TMA overwrites the slot
-            plgpu.copy_gmem_to_smem(k_ref.at[b, q_rows, h], out, end_bars.at[wg, 1])
-            col_t = plgpu.load(my_chunk["col"].at[pl.ds(r0, ROWS_PER_WG)], layout=ROWS)
-            d_diag = (diag * inv_n + dden) * jnp.exp2((row_q + col_t) * LOG2E)
-            plgpu.barrier_wait(end_bars.at[wg, 1])
-            kf = plgpu.load(out, layout=plgpu.Layout.WGMMA).astype(F32)
-            acc = acc + rows_times(d_diag, kf)
-            plgpu.commit_smem()
             out[...] = acc.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out, dq_ref.at[b, q_rows, h])
@@ -218,9 +262,9 @@ def _dq_kernel(dh_ref, v_ref, k_ref, q_ref, c_ref, n_ref, row_refs, chunk_refs, 
         smem((COMPUTE_WGS, ROWS_PER_WG, KV_TILE), dtype) if interpret else None,
         (plgpu.Barrier(num_barriers=(COMPUTE_WGS, n_in)),
          plgpu.Barrier(num_barriers=(COMPUTE_WGS, ns)),
-         plgpu.Barrier(num_barriers=(COMPUTE_WGS, 2)),
          plgpu.Barrier(num_barriers=2),
          plgpu.Barrier(num_arrivals=ns, num_barriers=2),
+         plgpu.Barrier(num_arrivals=nk, num_barriers=2),
          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
          plgpu.Barrier(num_barriers=2),
          plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
