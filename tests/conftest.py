@@ -1,10 +1,15 @@
 """Test switches. `pytest --gpu` runs the shared backend suite compiled on the GPU (bf16 / fp16 /
 fp32, honest tolerances) instead of interpreted on the CPU (float32, tight tolerances)."""
 
+import json
+import os
+
 import pytest
 
-
-import json
+# The Mosaic GPU interpreter runs each warpgroup of a kernel as its own blocking XLA CPU
+# computation; XLA's CPU client runs as many at once as it has threads (the core count unless
+# PJRT_NPROC says otherwise), so a three-warpgroup kernel hangs on a two-core machine.
+os.environ.setdefault("PJRT_NPROC", "8")
 
 
 def pytest_addoption(parser):

@@ -26,8 +26,9 @@ KERNELS = tfla_jax.available_backends()
 # Per backend: {custom-call target: how many kernels a forward + backward lowers to}.
 CALLS = {"pallas_triton": {"__gpu$xla.gpu.triton": 7},
          # Mosaic forward (chunk states, output), reverse state recurrence on the kept chunk
-         # states and dv; the backward's dk (and dq unless bf16 with V <= 256) run on Triton.
+         # states and (bf16) dv; the backward's dk and dq run on Triton.
          "pallas_mosaic_gpu": {"mosaic_gpu_v2": 4, "__gpu$xla.gpu.triton": 2}}
+CALLS_FP16 = {**CALLS, "pallas_mosaic_gpu": {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3}}
 # bf16 with V <= 256: dq on Mosaic too.
 CALLS_DQ = {**CALLS, "pallas_mosaic_gpu": {"mosaic_gpu_v2": 5, "__gpu$xla.gpu.triton": 1}}
 # (B, T, H, K, V, dtype, input gate, chunk size or None = the default)
@@ -91,7 +92,8 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
             _lower(_value_and_grad(impl, gate, L), _args(B, T, H, K, V, dtype))
         return
     text = _lower(_value_and_grad(impl, gate, L), _args(B, T, H, K, V, dtype))
-    calls = CALLS_DQ if jnp.dtype(dtype) == jnp.bfloat16 and -(-V // 64) * 64 <= 256 else CALLS
+    calls = CALLS_FP16 if jnp.dtype(dtype) == jnp.float16 else (
+        CALLS_DQ if -(-V // 64) * 64 <= 256 else CALLS)
     for target, count in calls.get(impl, {}).items():
         assert text.count(target) == count, f"expected {count} {target} kernels (fwd + bwd)"
 

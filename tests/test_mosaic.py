@@ -104,11 +104,9 @@ def test_carried_terms_interpreted(K, V, block_v, warpgroups, L):
     assert err < 5e-3, err
 
 
-def test_mosaic_state_grads_match_triton_interpreted(monkeypatch):
-    """`MosaicConfig.mosaic_state_grads`: on kept states, the state cotangents and the forget
-    gate's carried terms that `MosaicBackend.backward` hands to the dq / dk / dv kernels equal
-    those of the Triton state-grads path (both interpreted; the Triton dq / dk / dv that follow
-    are the same call in both, so they are recorded instead of run)."""
+def _backward_call():
+    """Inputs of `MosaicBackend.backward` (bf16, two chunks of 128) and a runner taking config
+    overrides."""
     import dataclasses
 
     from tfla_jax import ref
@@ -128,15 +126,144 @@ def test_mosaic_state_grads_match_triton_interpreted(monkeypatch):
                               chunk_size=L, interpret=True)
     norm = NormTerms(jax.random.uniform(ks[10], (B, H, T), minval=0.5, maxval=2.0),
                      jax.random.normal(ks[10], (B, H, T)))
-    triton = get_backend("pallas_triton")
-    monkeypatch.setattr(triton, "intra_grads", lambda *a, **kw: a[6:9])
     mosaic = get_backend("pallas_mosaic_gpu")
     cfg = MosaicConfig.default(K, V, T, jnp.bfloat16, chunk_size=L, heads=B * H)
-    handed = [mosaic.backward(q, k, v, gt, c0, n0, None, dh, dc_T, dn_T, norm, states,
-                              config=dataclasses.replace(cfg, mosaic_state_grads=on),
-                              interpret=True) for on in (False, True)]
+
+    def run(**overrides):
+        return mosaic.backward(q, k, v, gt, c0, n0, None, dh, dc_T, dn_T, norm, states,
+                               config=dataclasses.replace(cfg, **overrides), interpret=True)
+    return run
+
+
+def test_mosaic_state_grads_match_triton_interpreted(monkeypatch):
+    """`MosaicConfig.mosaic_state_grads`: on kept states, the state cotangents and the forget
+    gate's carried terms that `MosaicBackend.backward` hands to the dq / dk / dv kernels equal
+    those of the Triton state-grads path (both interpreted; the Triton dq / dk / dv that follow
+    are the same call in both, so they are recorded instead of run)."""
+    from tfla_jax.backends import get_backend
+    run = _backward_call()
+    monkeypatch.setattr(get_backend("pallas_triton"), "intra_grads", lambda *a, **kw: a[6:9])
+    handed = [run(mosaic_state_grads=on, mosaic_dv=False, mosaic_dq=False)
+              for on in (False, True)]
     names = ["C", "n", "C_T", "dC", "dn", "dC_0", "zc"]
     for name, a, b in zip(names, jax.tree.leaves(handed[0]), jax.tree.leaves(handed[1])):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         err = rel_err(b, a)
         assert err < 1e-3, f"{name}: {err:.2e}"
+
+
+def test_mosaic_dq_dv_match_triton_interpreted():
+    """`mosaic_dv` / `mosaic_dq` (bf16, V <= 256): every field of the backward's `KernelGrads`
+    equals the one with Triton's dq and dv kernels (both interpreted), the row dots of the
+    forget-gate gradient included."""
+    run = _backward_call()
+    want, got = run(mosaic_dv=False, mosaic_dq=False), run()
+    for name, a, b in zip(want._fields, got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        err = rel_err(a, b)
+        assert err < (5e-3 if name in ("dq", "dv") else 1e-3), f"{name}: {err:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The warp-specialised output, dv and dq kernels, interpreted (three warpgroups: PJRT_NPROC,
+# tests/conftest.py) against the formulas of docs/kernels.md in float64.
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_inputs(seed, T, K, V, L, seg=37):
+    """bf16 q, k, v, dh (1, T, 1, D), gate rows (1, 1, T) float32 (a segment starts at row
+    `seg` of every chunk), states and vectors (1, 1, NC+1, ...)."""
+    r = np.random.default_rng(seed)
+    NC = T // L
+    q, k = (jnp.asarray(r.normal(size=(1, T, 1, K)), jnp.bfloat16) for _ in range(2))
+    v, dh = (jnp.asarray(r.normal(size=(1, T, 1, V)), jnp.bfloat16) for _ in range(2))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    pos = np.arange(T) % L
+    rows = dict(bh=f32(np.cumsum(-r.uniform(0, 0.1, T))), row=f32(-r.uniform(0, 1, T)),
+                col=f32(-r.uniform(0, 1, T)), start=jnp.asarray(np.where(pos >= seg, seg, 0),
+                                                                 jnp.int32),
+                inv_n=f32(r.uniform(0.5, 1.5, T)), dden=f32(r.normal(size=T) * 0.1),
+                w_inter=f32(r.uniform(0, 1, T)), w_state=f32(r.uniform(0, 1, T)),
+                floor=f32(r.uniform(0, 2, T)))
+    rows = {n: x.reshape(1, 1, T) for n, x in rows.items()}
+    c = jnp.asarray(r.normal(size=(1, 1, NC + 1, K, V)) * 0.1, jnp.bfloat16)
+    n = f32(r.normal(size=(1, 1, NC + 1, K)))
+    return q, k, v, dh, rows, c, n
+
+
+def _chunks(T, L):
+    """Per chunk: the row slice and P (L, L) with P[t, s] = exp(log P) on start_t <= s <= t."""
+    for c in range(T // L):
+        yield c, slice(c * L, (c + 1) * L)
+
+
+def _gate_matrix(rows, sl, L, strict=False):
+    g = {n: np.asarray(x, np.float64)[0, 0, sl] for n, x in rows.items()}
+    t = np.arange(L)
+    log_p = (g["bh"][:, None] - g["bh"][None]) + g["row"][:, None] + g["col"][None]
+    causal = t[None] < t[:, None] if strict else t[None] <= t[:, None]
+    return np.where(causal & (t[None] >= g["start"][:, None]), np.exp(log_p), 0.0), g
+
+
+def _f64(*xs):
+    """Float64 copies: (1, T, 1, D) -> (T, D); states (1, 1, NC+1, ...) -> (NC+1, ...)."""
+    return [np.asarray(x, np.float64)[0, :, 0] if x.shape[1] > 1 else np.asarray(x, np.float64)[0, 0]
+            for x in xs]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_output_kernel_interpreted(normalize):
+    """h and den of the forward output kernel (two chunks, a segment start inside each)."""
+    from tfla_jax.backends.mosaic.fwd import chunk_output
+    T, K, V, L, eps = 256, 64, 128, 128, 1e-6
+    q, k, v, _, rows, c, n = _kernel_inputs(1, T, K, V, L)
+    h, den = chunk_output(q, k, v, c, n, rows, rows, chunk_size=L, normalize=normalize,
+                          eps=eps, interpret=True)
+    qf, kf, vf, cf, nf = _f64(q, k, v, c, n)
+    want_h, want_den = np.zeros((T, V)), np.zeros(T)
+    for ci, sl in _chunks(T, L):
+        P, g = _gate_matrix(rows, sl, L)
+        S = (qf[sl] @ kf[sl].T) * P
+        want_h[sl] = g["w_inter"][:, None] * (qf[sl] @ cf[ci]) + S @ vf[sl]
+        want_den[sl] = g["w_inter"] * (qf[sl] @ nf[ci]) + S.sum(1)
+        if normalize:
+            want_h[sl] /= (np.maximum(np.abs(want_den[sl]), g["floor"]) + eps)[:, None]
+    assert rel_err(np.asarray(h, np.float64)[0, :, 0], want_h) < 1e-2
+    assert rel_err(np.asarray(den, np.float64)[0, 0], want_den) < 1e-2
+
+
+def test_dv_kernel_interpreted():
+    """dv_s = w_state_s k_s dC_{c+1} + sum_{t >= s >= start_t} (k_s . q_t) P_ts inv_n_t dh_t."""
+    from tfla_jax.backends.mosaic.fwd import chunk_dv
+    T, K, V, L = 256, 64, 128, 128
+    q, k, _, dh, rows, dc, _ = _kernel_inputs(2, T, K, V, L)
+    dv = chunk_dv(q, k, dh, dc, rows, rows, chunk_size=L, interpret=True)
+    qf, kf, dhf, dcf = _f64(q, k, dh, dc)
+    want = np.zeros((T, V))
+    for ci, sl in _chunks(T, L):
+        P, g = _gate_matrix(rows, sl, L)
+        S = (qf[sl] @ kf[sl].T) * P * g["inv_n"][:, None]
+        want[sl] = g["w_state"][:, None] * (kf[sl] @ dcf[ci + 1]) + S.T @ dhf[sl]
+    assert rel_err(np.asarray(dv, np.float64)[0, :, 0], want) < 1e-2
+
+
+@pytest.mark.parametrize("score_block", [None, 64])   # 64: V = 128 in two score blocks
+def test_dq_kernel_interpreted(score_block, monkeypatch):
+    """dq and q . dq without the diagonal term (see tfla_jax/backends/mosaic/bwd.py)."""
+    from tfla_jax.backends.mosaic import bwd
+    if score_block:
+        monkeypatch.setattr(bwd, "MAX_SCORE_BLOCK", score_block)
+    T, K, V, L = 256, 64, 128, 128
+    q, k, v, dh, rows, c, n = _kernel_inputs(3, T, K, V, L)
+    dq, qdq = bwd.chunk_dq(q, k, v, dh, c, n, rows, rows, chunk_size=L, interpret=True)
+    qf, kf, vf, dhf, cf, nf = _f64(q, k, v, dh, c, n)
+    want, want_qdq = np.zeros((T, K)), np.zeros(T)
+    for ci, sl in _chunks(T, L):
+        P, g = _gate_matrix(rows, sl, L, strict=True)
+        dS = dhf[sl] @ vf[sl].T * g["inv_n"][:, None] + g["dden"][:, None]
+        off = (dS * P) @ kf[sl] + g["w_inter"][:, None] * (
+            g["inv_n"][:, None] * (dhf[sl] @ cf[ci].T) + g["dden"][:, None] * nf[ci][None])
+        want_qdq[sl] = (qf[sl] * off).sum(1)
+        d_diag = np.diagonal(dS) * np.exp(g["row"] + g["col"])
+        want[sl] = off + d_diag[:, None] * kf[sl]
+    assert rel_err(np.asarray(dq, np.float64)[0, :, 0], want) < 1e-2
+    assert rel_err(np.asarray(qdq, np.float64)[0, 0], want_qdq) < 1e-2

@@ -120,10 +120,11 @@ class MosaicBackend(Backend):
                     dden=norm.dden)
         qp, kp, dhp = pad_last(q, Kp), pad_last(k, Kp), pad_last(dh.astype(v.dtype), Vp)
         dq = dv = None
-        if cfg.mosaic_dv:
+        bf16 = jnp.dtype(q.dtype) == STATE_DTYPE
+        if cfg.mosaic_dv and bf16:   # fp16: not yet compiled on a GPU against the reference
             dv = chunk_dv(qp, kp, dhp, dc_states, rows, rows, chunk_size=cfg.chunk_size,
                           block_v=cfg.block_v, interpret=interpret)
-        if cfg.mosaic_dq and jnp.dtype(q.dtype) == STATE_DTYPE and score_block(Vp) == Vp:
+        if cfg.mosaic_dq and bf16 and score_block(Vp) == Vp:
             # fp16 inputs keep Triton's dq (the C_c^T slices share a ring with v: one dtype), and
             # so does V > 256: the kernel would round dA in V blocks, Triton's dk all at once,
             # and the forget-gate gradient needs the same rounding in both (q . dq - k . dk

@@ -27,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, LOG2E, ROWS, interpret_params, mma,
-                                             row_vector, rows_times, smem)
+                                             observe_releases, row_vector, rows_times, smem)
 from tfla_jax.backends.mosaic.fwd import COMPUTE_WGS, KV_TILE, ROWS_PER_WG, SLICE
 
 DQ_ROWS = ("bh", "row", "start", "inv_n", "dden", "w_inter", "qdq")   # qdq: staging
@@ -102,6 +102,9 @@ def _dq_kernel(dh_ref, v_ref, k_ref, q_ref, c_ref, n_ref, row_refs, chunk_refs, 
                     plgpu.copy_gmem_to_smem(src.at[b, rows, h, pl.ds(u * SLICE, SLICE)],
                                             s_ring.at[slot, pl.ds(u * SLICE, SLICE)],
                                             e_loaded.at[slot])
+            if interpret:   # the hardware needs no wait for the last releases
+                observe_releases(s_free, n_inter + n_tiles + 4, 2)
+                observe_releases(o_free, n_tiles, 2)
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():

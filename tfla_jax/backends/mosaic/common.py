@@ -67,5 +67,15 @@ def rows_times(w, x):
     return lax.broadcast_in_dim(w, x.shape, [0]) * x
 
 
+def observe_releases(free, n_steps, slots):
+    """A producer's wait for the releases of its last `slots` ring steps (of n_steps, slot
+    j % slots): every phase of a barrier is waited for (the interpreter checks it)."""
+    lo = max(n_steps, slots) if isinstance(n_steps, int) else jnp.maximum(n_steps, slots)
+
+    @pl.loop(lo, n_steps + slots)
+    def _(j):
+        plgpu.barrier_wait(free.at[lax.rem(j, slots)])
+
+
 def interpret_params(interpret: bool):
     return plgpu.InterpretGPUParams() if interpret else None

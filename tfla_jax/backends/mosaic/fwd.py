@@ -27,8 +27,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, LOG2E, ROWS, STATE_DTYPE,
-                                             interpret_params, mma, row_vector, rows_times,
-                                             smem)
+                                             interpret_params, mma, observe_releases,
+                                             row_vector, rows_times, smem)
 
 ROW_VECTORS = ("bh", "row", "start", "w_inter", "floor")
 CHUNK_VECTORS = ("bh", "col")
@@ -120,6 +120,10 @@ def _output_kernel(*refs, chunk_size, block_kv, block_v, H, normalize, eps, tran
                         plgpu.barrier_wait(k_free.at[kslot])
 
                     fetch_k(j0 + i, kslot)
+
+            if interpret:   # the hardware needs no wait for the last releases
+                observe_releases(vc_free, nk + j1 - j0, 2)
+                observe_releases(k_free, j1 - j0, 2)
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():

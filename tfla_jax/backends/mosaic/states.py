@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, STATE_DTYPE, interpret_params, mma,
-                                             row_vector, rows_times, smem)
+                                             observe_releases, row_vector, rows_times, smem)
 from tfla_jax.backends.mosaic.config import TMA_BOX, warpgroup_split
 
 MEMORY_REGISTERS = 40
@@ -106,10 +106,7 @@ def _recurrence_kernel(*refs, reverse, carried, chunk_size, block_t, block_k, bl
                                          pl.ds(vt * block_v + p * SLICE, SLICE)],
                                 tile, c_loaded)
 
-            # Observe the last releases too (every phase of a barrier is waited for).
-            @pl.loop(max(n_steps, stages), n_steps + stages)
-            def _(j):
-                plgpu.barrier_wait(free.at[irem(j, stages)])
+            observe_releases(free, n_steps, stages)
 
             if prefetch:
                 plgpu.barrier_wait(c_free)
