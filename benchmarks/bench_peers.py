@@ -402,9 +402,10 @@ def main(argv=None):
     for name in peers:
         info, r = spawn(name, argv, args.timeout)
         infos[name], rows = info, rows + r
-    device = next((i["device"] for i in infos.values() if i.get("device")), "unknown device")
-    info = dict(common.run_info(), device=device, peers=infos, shapes=args.shapes)
-    common.write_results(args.out, "bench_peers", rows, info)
+        device = next((i["device"] for i in infos.values() if i.get("device")), "unknown device")
+        info = dict(common.run_info(), device=device, peers=infos, shapes=args.shapes)
+        # After every peer, so that a run cut short still leaves what it measured.
+        common.write_results(args.out, "bench_peers", rows, info, table=name == peers[-1])
     try:
         plot(rows, os.path.join(args.out, "bench_peers.png"),
              f"bench_peers: {args.shapes} ({', '.join(sorted({s.dtype for s in specs.shapes(args.shapes)}))});"

@@ -1,7 +1,7 @@
-"""The Mosaic GPU backend on the CPU: its chunk-state kernel interpreted against a float64
-recurrence, both directions (the output kernel's warp-specialised pipeline is compiled on the
-GPU only: `pytest --gpu tests/test_backends.py`; every kernel is cross-lowered for CUDA in
-tests/test_lowering.py)."""
+"""The Mosaic GPU backend on the CPU: its kernels interpreted (the chunk-state kernel in both
+directions, the forward output kernel, dv and dq) against float64 formulas, and the backward's
+wiring against the Triton backend's kernels (every kernel is cross-lowered for CUDA in
+tests/test_lowering.py and compiled on the GPU in tests/test_gpu.py)."""
 
 import jax
 import jax.numpy as jnp

@@ -2,11 +2,12 @@
 
 TMA loads into swizzled shared memory, wgmma with 16-bit operands and float32 accumulators, the
 gated score tile kept in registers as the A operand of the second matmul (docs/kernels.md).
-Kernels: the chunk-state recurrence (states.py, with n alongside) and the warp-specialised
-forward output (fwd.py); the backward runs the reverse state recurrence on the same state kernel
-and the Triton backend's dq / dk / dv. bf16 and fp16 inputs, head dims padded to multiples of 64,
-K <= 256, chunk sizes 128 and 256, Hopper GPUs; other calls are declined (the Triton backend
-takes them).
+Kernels: the chunk-state recurrence (states.py, with n alongside), the warp-specialised
+forward output (fwd.py), which also runs transposed for dv, and dq (bwd.py); the backward runs
+the reverse state recurrence on the same state kernel, dv (bf16) and dq (bf16, V <= 256) on
+these kernels and the rest of dq / dk / dv on the Triton backend's. bf16 and fp16 inputs, head
+dims padded to multiples of 64, K <= 256, chunk sizes 128 and 256, Hopper GPUs; other calls are
+declined (the Triton backend takes them).
 """
 
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ class MosaicBackend(Backend):
     # Ahead of pallas_triton where it runs: measured faster on an H200 (forward 2.35 vs 3.44 ms at
     # the headline shape, forward+backward equal) and checked compiled there (tests/test_gpu.py).
     speed_rank = 5
-    interpretable = False  # bf16/fp16 only; CPU tests: cross-lowering, tests/test_mosaic.py
+    interpretable = False  # bf16/fp16 only; CPU tests: tests/test_mosaic.py, cross-lowering
 
     def rank(self, call: Call):
         # Measured on an H200 at 65,536 tokens (benchmarks/README.md): with V <= 128 the Triton
@@ -47,9 +48,10 @@ class MosaicBackend(Backend):
 
     def supported(self, call: Call, config):
         if call.interpret:
-            return ("interpret=True: the Mosaic GPU interpreter hangs on the warp-specialised "
-                    "output kernel (it runs compiled on a GPU; tests/test_mosaic.py interprets "
-                    "the state kernel)")
+            return ("interpret=True: the Mosaic GPU interpreter runs each warpgroup as a "
+                    "blocking XLA CPU computation and hangs with fewer CPU threads than "
+                    "warpgroups (tests/test_mosaic.py interprets the kernels with PJRT_NPROC "
+                    "set)")
         if jnp.dtype(call.dtype) not in _DTYPES:
             return f"dtype {jnp.dtype(call.dtype).name}: the wgmma kernels take bf16 or fp16"
         if padded_head_dim(call.K) > MAX_K:
@@ -90,8 +92,8 @@ class MosaicBackend(Backend):
 
     def backward(self, q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm, states, *, config,
                  interpret):
-        # dq / dk / dv are the Triton backend's kernels at the same chunk size: Mosaic GPU ports
-        # do not yet run the headline shape (docs/kernels.md, "Mosaic GPU backend").
+        # dk (and dq, dv where the Mosaic kernels do not take them) are the Triton backend's
+        # kernels at the same chunk size (docs/kernels.md, "Mosaic GPU backend").
         K, V = q.shape[-1], v.shape[-1]
         tcfg = TritonConfig.default(K, V, q.shape[1], q.dtype, chunk_size=config.chunk_size)
         if states is None:
