@@ -206,8 +206,8 @@ def _gate_matrix(rows, sl, L, strict=False):
 
 def _f64(*xs):
     """Float64 copies: (1, T, 1, D) -> (T, D); states (1, 1, NC+1, ...) -> (NC+1, ...)."""
-    return [np.asarray(x, np.float64)[0, :, 0] if x.shape[1] > 1 else np.asarray(x, np.float64)[0, 0]
-            for x in xs]
+    xs = [np.asarray(x, np.float64) for x in xs]
+    return [x[0, :, 0] if x.shape[1] > 1 else x[0, 0] for x in xs]
 
 
 @pytest.mark.parametrize("normalize", [True, False])
