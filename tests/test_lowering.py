@@ -103,12 +103,14 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
     ("pallas_mosaic_gpu", {"keep_states": False}, {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5}),
     ("pallas_mosaic_gpu", {"mosaic_state_grads": False},
      {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 4}),
-    ("pallas_mosaic_gpu", {"mosaic_dv": False}, {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3})])
+    ("pallas_mosaic_gpu", {"mosaic_dv": False}, {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3}),
+    ("pallas_mosaic_gpu", {"mosaic_dk": True}, {"mosaic_gpu_v2": 6, "__gpu$xla.gpu.triton": 0})])
 def test_config_variants_lower_for_cuda(impl, overrides, calls):
     """Configs off their defaults. keep_states: kept, the backward takes the forward's chunk
     states (one kernel fewer); not kept, it recomputes them. mosaic_state_grads off: the
     backward's reverse state recurrence on Triton's kernel instead of the Mosaic one;
-    mosaic_dv off: dv on Triton's kernel."""
+    mosaic_dv off: dv on Triton's kernel; mosaic_dk on: dk, and with it dq at V = 512, on
+    Mosaic (every kernel)."""
     backend = tfla_jax.backends.get_backend(impl)
     cfg = backend.config_cls.default(256, 512, 8192, jnp.bfloat16, chunk_size=256)
     text = _lower(_value_and_grad(impl, "exp", None,

@@ -152,16 +152,38 @@ def test_mosaic_state_grads_match_triton_interpreted(monkeypatch):
         assert err < 1e-3, f"{name}: {err:.2e}"
 
 
-def test_mosaic_dq_dv_match_triton_interpreted():
-    """`mosaic_dv` / `mosaic_dq` (bf16, V <= 256): every field of the backward's `KernelGrads`
-    equals the one with Triton's dq and dv kernels (both interpreted), the row dots of the
-    forget-gate gradient included."""
+def _suffix_sums(r, L):
+    """sum_{t <= t' in the chunk} r_t': how the forget-gate gradient takes r (docs/math.md)."""
+    r = np.asarray(r, np.float64)
+    r = r.reshape(*r.shape[:-1], -1, L)[..., ::-1]
+    return np.cumsum(r, -1)[..., ::-1].reshape(*r.shape[:-2], -1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mosaic_dk": True}])
+def test_mosaic_dq_dk_dv_match_triton_interpreted(overrides):
+    """`mosaic_dv` / `mosaic_dq` (bf16, V <= 256) and `mosaic_dk`: every field of the
+    backward's `KernelGrads` equals the one with Triton's dq, dk and dv kernels (both
+    interpreted), the row dots of the forget-gate gradient included."""
     run = _backward_call()
-    want, got = run(mosaic_dv=False, mosaic_dq=False), run()
+    want, got = run(mosaic_dv=False, mosaic_dq=False), run(**overrides)
     for name, a, b in zip(want._fields, got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         err = rel_err(a, b)
-        assert err < (5e-3 if name in ("dq", "dv") else 1e-3), f"{name}: {err:.2e}"
+        assert err < (5e-3 if name in ("dq", "dk", "dv") else 1e-3), f"{name}: {err:.2e}"
+
+
+def test_score_blocks_round_dq_and_dk_alike_interpreted(monkeypatch):
+    """With the score in two V blocks (the V > 256 case, here V = 128 in blocks of 64), dq and
+    dk both on Mosaic round dA alike, so the in-chunk suffix sums of r (the forget-gate
+    gradient's terms) stay near Triton's one-block ones: 3.1e-3 here, against 8.5e-3 with the
+    split dq beside Triton's dk (measured with this seed; bf16 rounding of dA is ~2e-3)."""
+    from tfla_jax.backends.mosaic import bwd
+    run = _backward_call()
+    want = run(mosaic_dv=False, mosaic_dq=False)
+    monkeypatch.setattr(bwd, "MAX_SCORE_BLOCK", 64)
+    got = run(mosaic_dk=True)
+    err = rel_err(_suffix_sums(got.r, 128), _suffix_sums(want.r, 128))
+    assert err < 5e-3, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,3 +289,29 @@ def test_dq_kernel_interpreted(score_block, monkeypatch):
         want[sl] = off + d_diag[:, None] * kf[sl]
     assert rel_err(np.asarray(dq, np.float64)[0, :, 0], want) < 1e-2
     assert rel_err(np.asarray(qdq, np.float64)[0, 0], want_qdq) < 1e-2
+
+
+@pytest.mark.parametrize("score_block", [None, 64])   # 64: V = 128 in two score blocks
+def test_dk_kernel_interpreted(score_block, monkeypatch):
+    """dk and its three row dots (see `bwd.chunk_dk`)."""
+    from tfla_jax.backends.mosaic import bwd
+    if score_block:
+        monkeypatch.setattr(bwd, "MAX_SCORE_BLOCK", score_block)
+    T, K, V, L = 256, 64, 128, 128
+    q, k, v, dh, rows, dc, dn = _kernel_inputs(4, T, K, V, L)
+    got = bwd.chunk_dk(q, k, v, dh, dc, dn, rows, rows, chunk_size=L, interpret=True)
+    qf, kf, vf, dhf, dcf, dnf = _f64(q, k, v, dh, dc, dn)
+    want = np.zeros((T, K)), np.zeros(T), np.zeros(T), np.zeros(T)
+    for ci, sl in _chunks(T, L):
+        P, g = _gate_matrix(rows, sl, L, strict=True)
+        dS = dhf[sl] @ vf[sl].T * g["inv_n"][:, None] + g["dden"][:, None]
+        intra = (dS * P).T @ qf[sl]
+        inter = g["w_state"][:, None] * (vf[sl] @ dcf[ci + 1].T + dnf[ci + 1][None])
+        d_diag = np.diagonal(dS) * np.exp(g["row"] + g["col"])
+        dk = intra + inter + d_diag[:, None] * qf[sl]
+        want[0][sl] = dk
+        for out, x in zip(want[1:], (intra, inter, dk)):
+            out[sl] = (kf[sl] * x).sum(1)
+    assert rel_err(np.asarray(got[0], np.float64)[0, :, 0], want[0]) < 1e-2
+    for name, a, b in zip(("kdk_off", "kdk_inter", "kdk"), got[1:], want[1:]):
+        assert rel_err(np.asarray(a, np.float64)[0, 0], b) < 1e-2, name

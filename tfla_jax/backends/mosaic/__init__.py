@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from tfla_jax.backends.base import Backend, Call, ForwardOut, register
 from tfla_jax.backends.mosaic.config import (MAX_CHUNK, MAX_K, MIN_CHUNK, MosaicConfig,
                                              padded_head_dim)
-from tfla_jax.backends.mosaic.bwd import chunk_dq, score_block
+from tfla_jax.backends.mosaic.bwd import chunk_dk, chunk_dq, score_block
 from tfla_jax.backends.mosaic.common import STATE_DTYPE
 from tfla_jax.backends.mosaic.fwd import chunk_dv, chunk_output
 from tfla_jax.backends.mosaic.states import state_recurrence
@@ -126,18 +126,22 @@ class MosaicBackend(Backend):
         if cfg.mosaic_dv and bf16:   # fp16: not yet compiled on a GPU against the reference
             dv = chunk_dv(qp, kp, dhp, dc_states, rows, rows, chunk_size=cfg.chunk_size,
                           block_v=cfg.block_v, interpret=interpret)
-        if cfg.mosaic_dq and bf16 and score_block(Vp) == Vp:
+        mosaic_dk = cfg.mosaic_dk and bf16
+        if cfg.mosaic_dq and bf16 and (mosaic_dk or score_block(Vp) == Vp):
             # fp16 inputs keep Triton's dq (the C_c^T slices share a ring with v: one dtype), and
-            # so does V > 256: the kernel would round dA in V blocks, Triton's dk all at once,
-            # and the forget-gate gradient needs the same rounding in both (q . dq - k . dk
-            # cancels; H200, V = 512: d f~ 1.2e-2 against 2.3e-3 relative RMS).
-            dq, qdq = chunk_dq(qp, kp, pad_last(v, Vp), dhp, c_states, n_states, rows, rows,
-                               chunk_size=cfg.chunk_size, interpret=interpret)
-            dq = (dq, qdq)
+            # so does V > 256 with Triton's dk: this kernel rounds dA in V blocks, Triton's dk
+            # all at once, and the forget-gate gradient needs the same rounding in both
+            # (q . dq - k . dk cancels; H200, V = 512: d f~ 1.2e-2 against 2.3e-3 relative RMS).
+            dq = chunk_dq(qp, kp, pad_last(v, Vp), dhp, c_states, n_states, rows, rows,
+                          chunk_size=cfg.chunk_size, interpret=interpret)
+        dk = None
+        if mosaic_dk:
+            dk = chunk_dk(qp, kp, pad_last(v, Vp), dhp, dc_states, dn_states, rows, rows,
+                          chunk_size=cfg.chunk_size, interpret=interpret)
         cots = (to_triton(dc_states), dn_states[..., :Kt], dc_first[..., :Kt, :Vt])
         return TRITON.intra_grads(q, k, v, dh, gates, norm, triton_states, cots,
                                   jnp.sum(zc, axis=(2, 4)), config=tcfg, interpret=interpret,
-                                  dq=dq, dv=dv)
+                                  dq=dq, dk=dk, dv=dv)
 
 
 BACKEND = register(MosaicBackend())

@@ -73,7 +73,10 @@ class MosaicConfig:
       1.65 ms, forward+backward 7.26 vs 7.95 ms).
     mosaic_dq: with mosaic_state_grads, bf16 inputs and V <= 256, dq on the Mosaic kernel
       (`bwd.chunk_dq`) instead of Triton's (H200, K = 256, V = 512 in V blocks: dq 1.25 vs
-      1.41 ms, but d f~ off, see `MosaicBackend.backward`).
+      1.41 ms, but d f~ off, see `MosaicBackend.backward`); with mosaic_dk at every V.
+    mosaic_dk: with mosaic_state_grads and bf16 inputs, dk on the Mosaic kernel
+      (`bwd.chunk_dk`, dq's kernel transposed, rounding dA alike). Off by default: checked
+      interpreted on the CPU and cross-lowered, not yet compiled on a GPU.
     """
 
     chunk_size: int = 256
@@ -87,6 +90,7 @@ class MosaicConfig:
     mosaic_state_grads: bool = True
     mosaic_dv: bool = True
     mosaic_dq: bool = True
+    mosaic_dk: bool = False
 
     def __post_init__(self):
         L = self.chunk_size
@@ -103,7 +107,8 @@ class MosaicConfig:
         if self.states_warpgroups not in (1, 2) or isinstance(self.states_warpgroups, bool):
             raise ValueError(f"MosaicConfig.states_warpgroups: expected 1 or 2, got "
                              f"{self.states_warpgroups!r}")
-        for name in ("keep_states", "mosaic_state_grads", "mosaic_dv", "mosaic_dq"):
+        for name in ("keep_states", "mosaic_state_grads", "mosaic_dv", "mosaic_dq",
+                     "mosaic_dk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MosaicConfig.{name}: expected a bool, got "
                                  f"{getattr(self, name)!r}")

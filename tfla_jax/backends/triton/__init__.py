@@ -69,10 +69,11 @@ class TritonBackend(Backend):
                                 jnp.sum(zc, axis=(2, 3)), config=config, interpret=interpret)
 
     def intra_grads(self, q, k, v, dh, gates, norm, states, state_cots, zc, *, config,
-                    interpret, dq=None, dv=None):
+                    interpret, dq=None, dk=None, dv=None):
         """dq, dk, dv and the gate-gradient pieces (`KernelGrads`) from the chunk states and
         their cotangents, both padded to this backend's head dims. Given by the caller: dv,
-        and dq as (dq, q . dq without the diagonal term (B, H, T)).
+        dq as (dq, q . dq without the diagonal term), dk as (dk, kdk_off, kdk_inter, kdk), the
+        row dots (B, H, T) as `KernelGrads` names them.
 
         states: (C (B, H, NC+1, K, V), n (B, H, NC+1, K), C_T); state_cots: (dC like C, dn like
         n, dC_0 (B, H, K, V)); C and dC in `state_dtype`; zc (B, H, NC): decay_c <C_c, dC_{c+1}>.
@@ -93,14 +94,16 @@ class TritonBackend(Backend):
             qdq_off = jnp.sum(qdq_off, axis=2)
         else:
             dq, qdq_off = dq
-        dk, kdk_off, kdk_inter, kdk = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
+        if dk is None:
+            dk, *dots = intra_dk(q, k, v, dh, rows, dc_states, dn_states, **opts)
+            dk = (dk, *(jnp.sum(x, axis=2) for x in dots))   # over K tiles
+        dk, kdk_off, kdk_inter, kdk = dk
         if dv is None:
             dv = intra_dv(q, k, v, dh, rows, dc_states, **opts)
         # decay_c (<C_c, dC_{c+1}> + <n_c, dn_{c+1}>) per chunk.
         zc = zc + gates.decay * jnp.sum(n_states[:, :, :-1] * dn_states[:, :, 1:], axis=-1)
-        rsum = lambda x: jnp.sum(x, axis=2)  # noqa: E731  over K tiles
-        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r=qdq_off - rsum(kdk_off),
-                           kdk_inter=rsum(kdk_inter), kdk=rsum(kdk), zc=zc,
+        return KernelGrads(dq[..., :K], dk[..., :K], dv[..., :V], r=qdq_off - kdk_off,
+                           kdk_inter=kdk_inter, kdk=kdk, zc=zc,
                            dc0=dc_first[..., :K, :V], dn0=dn_states[:, :, 0, :K])
 
 
