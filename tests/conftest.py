@@ -15,6 +15,9 @@ os.environ.setdefault("PJRT_NPROC", "8")
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", default=False,
                      help="run kernel backends compiled on the GPU (interpret=False)")
+    parser.addoption("--mosaic-config", default="", metavar="KEY=VALUE,...",
+                     help="tests/test_gpu.py: MosaicConfig fields off their defaults, e.g. "
+                          "mosaic_dk=true")
     parser.addoption("--error-report", default=None, metavar="PATH",
                      help="write every checked relative error (test, quantity, error, bound) as JSON")
 
@@ -27,6 +30,10 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_configure(config):
     from tests import utils
     utils.ON_GPU = config.getoption("--gpu")
+    for item in filter(None, config.getoption("--mosaic-config").split(",")):
+        key, _, value = item.partition("=")
+        utils.MOSAIC_CONFIG[key] = {"true": True, "false": False}.get(value.lower()) \
+            if value.lower() in ("true", "false") else int(value)
 
 
 def pytest_runtest_setup(item):

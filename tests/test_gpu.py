@@ -10,6 +10,7 @@ terms cancel (c0 and its cotangent are independent): its error is measured again
 its terms, |dc0| |c0| + |dn0| |n0|, i.e. in the norm in which dc0 and dn0 are held to 5e-3.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -44,6 +45,11 @@ CASES = [
 
 
 def kernel(impl, args, cot, **kw):
+    if impl == "pallas_mosaic_gpu" and utils.MOSAIC_CONFIG:
+        q, v = args[0], args[2]
+        cfg = tfla_jax.MosaicConfig.default(q.shape[-1], v.shape[-1], q.shape[1], q.dtype,
+                                            chunk_size=kw.get("chunk_size"))
+        kw["config"] = dataclasses.replace(cfg, **utils.MOSAIC_CONFIG)
     fn = functools.partial(tfla_jax.mlstm, implementation=impl, **kw)
     return jax.jit(lambda a, c: loss_and_grads(fn, a, c))(args, cot)
 

@@ -9,6 +9,7 @@ import tfla_jax
 from tfla_jax import MLSTMState
 
 ON_GPU = False          # set by `pytest --gpu` (tests/conftest.py)
+MOSAIC_CONFIG = {}      # MosaicConfig overrides for tests/test_gpu.py (`--mosaic-config`)
 REPORT = []             # (test, quantity, error, bound) of every assert_close, for --error-report
 CURRENT_TEST = ""
 NAMES = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
