@@ -268,16 +268,23 @@ def test_dv_kernel_interpreted():
     assert rel_err(np.asarray(dv, np.float64)[0, :, 0], want) < 1e-2
 
 
-@pytest.mark.parametrize("score_block", [None, 64])   # 64: V = 128 in two score blocks
-def test_dq_kernel_interpreted(score_block, monkeypatch):
-    """dq and q . dq without the diagonal term (see tfla_jax/backends/mosaic/bwd.py)."""
+def _grad_kernel(which, seed, score_block, monkeypatch, T=256, K=64, V=128, L=128):
+    """bwd.chunk_dq / chunk_dk interpreted on `_kernel_inputs` (score_block: patched V block),
+    and the inputs in float64."""
     from tfla_jax.backends.mosaic import bwd
     if score_block:
         monkeypatch.setattr(bwd, "MAX_SCORE_BLOCK", score_block)
-    T, K, V, L = 256, 64, 128, 128
-    q, k, v, dh, rows, c, n = _kernel_inputs(3, T, K, V, L)
-    dq, qdq = bwd.chunk_dq(q, k, v, dh, c, n, rows, rows, chunk_size=L, interpret=True)
-    qf, kf, vf, dhf, cf, nf = _f64(q, k, v, dh, c, n)
+    q, k, v, dh, rows, c, n = _kernel_inputs(seed, T, K, V, L)
+    got = getattr(bwd, f"chunk_{which}")(q, k, v, dh, c, n, rows, rows, chunk_size=L,
+                                         interpret=True)
+    return got, rows, _f64(q, k, v, dh, c, n)
+
+
+@pytest.mark.parametrize("score_block", [None, 64])   # 64: V = 128 in two score blocks
+def test_dq_kernel_interpreted(score_block, monkeypatch):
+    """dq and q . dq without the diagonal term (see tfla_jax/backends/mosaic/bwd.py)."""
+    T, K, L = 256, 64, 128
+    (dq, qdq), rows, (qf, kf, vf, dhf, cf, nf) = _grad_kernel("dq", 3, score_block, monkeypatch)
     want, want_qdq = np.zeros((T, K)), np.zeros(T)
     for ci, sl in _chunks(T, L):
         P, g = _gate_matrix(rows, sl, L, strict=True)
@@ -294,13 +301,8 @@ def test_dq_kernel_interpreted(score_block, monkeypatch):
 @pytest.mark.parametrize("score_block", [None, 64])   # 64: V = 128 in two score blocks
 def test_dk_kernel_interpreted(score_block, monkeypatch):
     """dk and its three row dots (see `bwd.chunk_dk`)."""
-    from tfla_jax.backends.mosaic import bwd
-    if score_block:
-        monkeypatch.setattr(bwd, "MAX_SCORE_BLOCK", score_block)
-    T, K, V, L = 256, 64, 128, 128
-    q, k, v, dh, rows, dc, dn = _kernel_inputs(4, T, K, V, L)
-    got = bwd.chunk_dk(q, k, v, dh, dc, dn, rows, rows, chunk_size=L, interpret=True)
-    qf, kf, vf, dhf, dcf, dnf = _f64(q, k, v, dh, dc, dn)
+    T, K, L = 256, 64, 128
+    got, rows, (qf, kf, vf, dhf, dcf, dnf) = _grad_kernel("dk", 4, score_block, monkeypatch)
     want = np.zeros((T, K)), np.zeros(T), np.zeros(T), np.zeros(T)
     for ci, sl in _chunks(T, L):
         P, g = _gate_matrix(rows, sl, L, strict=True)

@@ -27,8 +27,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, LOG2E, ROWS, interpret_params, mma,
-                                             observe_releases, row_vector, rows_times, smem)
-from tfla_jax.backends.mosaic.fwd import COMPUTE_WGS, KV_TILE, ROWS_PER_WG, SLICE
+                                             observe_releases, row_vector, rows_times, smem,
+                                             tile_frame)
+from tfla_jax.backends.mosaic.fwd import (COMPUTE_WGS, KV_TILE, ROWS_PER_WG, SLICE,
+                                          ring_barriers, vector_scratch)
 
 DQ_ROWS = ("bh", "row", "start", "inv_n", "dden", "w_inter")
 DQ_CHUNK = ("bh", "col")
@@ -223,10 +225,7 @@ def _grad_kernel(a_ref, s_ref, o_ref, q_ref, k_ref, c_ref, n_ref, row_refs, chun
             # 2. the tiles on this warpgroup's side of its diagonal, per V block; the rest are
             # only waited for.
             shape = (ROWS_PER_WG, KV_TILE)
-            r_pos = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-            t_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            rows_of = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
-            cols_of = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
+            r_pos, t_iota, rows_of, cols_of = tile_frame(r0, shape)
             if transpose:
                 own0, own1 = idiv(r0, KV_TILE), j1
                 bh_r = load("bh")
@@ -316,20 +315,15 @@ def _grad_kernel(a_ref, s_ref, o_ref, q_ref, k_ref, c_ref, n_ref, row_refs, chun
         smem((COMPUTE_WGS, ns, ROWS_PER_WG, SLICE), dtype),
         smem((2, max(block_s, K), SLICE), dtype),
         smem((2, KV_TILE, K), dtype),
-        {n: plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.int32 if n == "start" else F32)
-         for n in row_names + out_names},
-        {n: plgpu.SMEM((COMPUTE_WGS, chunk_size), jnp.int32 if n == "start" else F32)
-         for n in chunk_names},
+        *vector_scratch(row_names + out_names, chunk_names, chunk_size),
         plgpu.SMEM((COMPUTE_WGS, K), F32),
         smem((COMPUTE_WGS, ROWS_PER_WG, KV_TILE), dtype) if interpret else None,
         (plgpu.Barrier(num_barriers=(COMPUTE_WGS, n_in)),
          plgpu.Barrier(num_barriers=(COMPUTE_WGS, ns)),
-         plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_arrivals=ns, num_barriers=2),
-         plgpu.Barrier(num_arrivals=nk, num_barriers=2),
-         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
-         plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
+         plgpu.Barrier(num_barriers=2),                   # sc_loaded (C^T slices)
+         plgpu.Barrier(num_arrivals=ns, num_barriers=2),  # s_loaded (tiles)
+         *ring_barriers(nk),                              # e_loaded (own rows), s_free
+         *ring_barriers(1),                               # o_loaded, o_free
          plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
         collective_axes="wg")
 

@@ -67,6 +67,15 @@ def rows_times(w, x):
     return lax.broadcast_in_dim(w, x.shape, [0]) * x
 
 
+def tile_frame(r0, shape):
+    """For a (rows, cols) WGMMA tile whose first row is r0 in the chunk: the row positions and
+    the column iota (int32 tiles), and broadcasts of a row / column vector to the tile."""
+    r_pos = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    c_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    return (r_pos, c_iota, lambda x: lax.broadcast_in_dim(x, shape, [0]),
+            lambda x: lax.broadcast_in_dim(x, shape, [1]))
+
+
 def observe_releases(free, n_steps, slots):
     """A producer's wait for the releases of its last `slots` ring steps (of n_steps, slot
     j % slots): every phase of a barrier is waited for (the interpreter checks it)."""

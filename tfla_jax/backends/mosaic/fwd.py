@@ -28,7 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from tfla_jax.backends.triton.common import idiv, irem  # x64-safe int division
 from tfla_jax.backends.mosaic.common import (COLS, F32, LOG2E, ROWS, STATE_DTYPE,
                                              interpret_params, mma, observe_releases,
-                                             row_vector, rows_times, smem)
+                                             row_vector, rows_times, smem, tile_frame)
 
 ROW_VECTORS = ("bh", "row", "start", "w_inter", "floor")
 CHUNK_VECTORS = ("bh", "col")
@@ -39,6 +39,21 @@ SLICE = 64          # K slice width of every q / k operand
 ROWS_PER_WG = 64    # query rows of one compute warpgroup
 KV_TILE = 64        # rows of a kv tile (a freed v slot stages a warpgroup's h: same shape)
 COMPUTE_WGS = 2
+
+
+def vector_scratch(row_names, chunk_names, chunk_size):
+    """Per compute warpgroup: SMEM for its rows of each row vector and for the chunk's length
+    of each chunk vector ("start" is int32)."""
+    dtype = lambda n: jnp.int32 if n == "start" else F32  # noqa: E731
+    return ({n: plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), dtype(n)) for n in row_names},
+            {n: plgpu.SMEM((COMPUTE_WGS, chunk_size), dtype(n)) for n in chunk_names})
+
+
+def ring_barriers(copies):
+    """(loaded, free) of a two-slot TMA ring: `copies` copies land per slot fill, and every
+    compute warpgroup releases each fill."""
+    return (plgpu.Barrier(num_arrivals=copies, num_barriers=2),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2))
 
 
 def _output_kernel(*refs, chunk_size, block_kv, block_v, H, normalize, eps, transpose,
@@ -167,10 +182,7 @@ def _output_kernel(*refs, chunk_size, block_kv, block_v, H, normalize, eps, tran
 
             # 2. the tiles on this warpgroup's side of its diagonal; the rest are only waited for.
             shape = (ROWS_PER_WG, block_kv)
-            q_pos = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-            kv_iota = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            rows_of = lambda x: lax.broadcast_in_dim(x, shape, [0])  # noqa: E731
-            cols_of = lambda x: lax.broadcast_in_dim(x, shape, [1])  # noqa: E731
+            q_pos, kv_iota, rows_of, cols_of = tile_frame(r0, shape)
             if transpose:
                 own0, own1 = idiv(r0, block_kv), j1
                 bh_s, col_s = load("bh"), load("col")
@@ -257,18 +269,11 @@ def _output_kernel(*refs, chunk_size, block_kv, block_v, H, normalize, eps, tran
         smem((2, nk, block_kv, SLICE), dtype),
         smem((2, block_kv, block_v), dtype),
         None if jnp.dtype(dtype) == STATE_DTYPE else smem((2, SLICE, block_v), STATE_DTYPE),
-        {n: plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.int32 if n == "start" else F32)
-         for n in row_names},
-        {n: plgpu.SMEM((COMPUTE_WGS, chunk_size), jnp.int32 if n == "start" else F32)
-         for n in chunk_names},
+        *vector_scratch(row_names, chunk_names, chunk_size),
         None if transpose else plgpu.SMEM((COMPUTE_WGS, nk, SLICE), F32),
         smem((COMPUTE_WGS, ROWS_PER_WG, block_kv), dtype) if interpret else None,
-        (plgpu.Barrier(num_barriers=(COMPUTE_WGS, n_in)),
-         plgpu.Barrier(num_arrivals=nk, num_barriers=2),
-         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
-         plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
-         plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
+        (plgpu.Barrier(num_barriers=(COMPUTE_WGS, n_in)), *ring_barriers(nk),
+         *ring_barriers(1), plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
         collective_axes="wg")
 
 
