@@ -32,8 +32,8 @@ def pytest_configure(config):
     utils.ON_GPU = config.getoption("--gpu")
     for item in filter(None, config.getoption("--mosaic-config").split(",")):
         key, _, value = item.partition("=")
-        utils.MOSAIC_CONFIG[key] = {"true": True, "false": False}.get(value.lower()) \
-            if value.lower() in ("true", "false") else int(value)
+        flags = {"true": True, "false": False}
+        utils.MOSAIC_CONFIG[key] = flags[value.lower()] if value.lower() in flags else int(value)
 
 
 def pytest_runtest_setup(item):

@@ -17,6 +17,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, PartitionSpec as P, use_a
 import tfla_jax
 from tfla_jax import MLSTMState
 from tfla_jax.backends import Call
+from tfla_jax.backends.mosaic.config import padded_head_dim as mosaic_padded_head_dim
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -93,7 +94,7 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
         return
     text = _lower(_value_and_grad(impl, gate, L), _args(B, T, H, K, V, dtype))
     calls = CALLS_FP16 if jnp.dtype(dtype) == jnp.float16 else (
-        CALLS_DQ if -(-V // 64) * 64 <= 256 else CALLS)
+        CALLS_DQ if mosaic_padded_head_dim(V) <= 256 else CALLS)
     for target, count in calls.get(impl, {}).items():
         assert text.count(target) == count, f"expected {count} {target} kernels (fwd + bwd)"
 

@@ -173,9 +173,10 @@ def test_mosaic_dq_dv_match_triton_interpreted():
 
 def test_score_blocks_round_dq_and_dk_alike_interpreted(monkeypatch):
     """`mosaic_dk`, with the score in two V blocks (the V > 256 case, here V = 128 in blocks of
-    64): every gradient stays at Triton's to bf16 rounding, and dq and dk round dA alike, so the in-chunk suffix sums of r (the forget-gate
-    gradient's terms) stay near Triton's one-block ones: 3.1e-3 here, against 8.5e-3 with the
-    split dq beside Triton's dk (measured with this seed; bf16 rounding of dA is ~2e-3)."""
+    64): every gradient stays at Triton's to bf16 rounding, and dq and dk round dA alike, so
+    the in-chunk suffix sums of r (the forget-gate gradient's terms) stay near Triton's
+    one-block ones: 3.1e-3 here, against 8.5e-3 with the split dq beside Triton's dk (measured
+    with this seed; bf16 rounding of dA is ~2e-3)."""
     from tfla_jax.backends.mosaic import bwd
     run = _backward_call()
     want = run(mosaic_dv=False, mosaic_dq=False)
@@ -270,7 +271,7 @@ def test_dv_kernel_interpreted():
     assert rel_err(np.asarray(dv, np.float64)[0, :, 0], want) < 1e-2
 
 
-def _grad_kernel(which, seed, score_block, monkeypatch, T=256, K=64, V=128, L=128):
+def _run_grad_kernel(which, seed, score_block, monkeypatch, T=256, K=64, V=128, L=128):
     """bwd.chunk_dq / chunk_dk interpreted on `_kernel_inputs` (score_block: patched V block),
     and the inputs in float64."""
     from tfla_jax.backends.mosaic import bwd
@@ -286,7 +287,7 @@ def _grad_kernel(which, seed, score_block, monkeypatch, T=256, K=64, V=128, L=12
 def test_dq_kernel_interpreted(score_block, monkeypatch):
     """dq and q . dq without the diagonal term (see tfla_jax/backends/mosaic/bwd.py)."""
     T, K, L = 256, 64, 128
-    (dq, qdq), rows, (qf, kf, vf, dhf, cf, nf) = _grad_kernel("dq", 3, score_block, monkeypatch)
+    (dq, qdq), rows, (qf, kf, vf, dhf, cf, nf) = _run_grad_kernel("dq", 3, score_block, monkeypatch)
     want, want_qdq = np.zeros((T, K)), np.zeros(T)
     for ci, sl in _chunks(T, L):
         P, g = _gate_matrix(rows, sl, L, strict=True)
@@ -304,7 +305,7 @@ def test_dq_kernel_interpreted(score_block, monkeypatch):
 def test_dk_kernel_interpreted(score_block, monkeypatch):
     """dk and its three row dots (see `bwd.chunk_dk`)."""
     T, K, L = 256, 64, 128
-    got, rows, (qf, kf, vf, dhf, dcf, dnf) = _grad_kernel("dk", 4, score_block, monkeypatch)
+    got, rows, (qf, kf, vf, dhf, dcf, dnf) = _run_grad_kernel("dk", 4, score_block, monkeypatch)
     want = np.zeros((T, K)), np.zeros(T), np.zeros(T), np.zeros(T)
     for ci, sl in _chunks(T, L):
         P, g = _gate_matrix(rows, sl, L, strict=True)

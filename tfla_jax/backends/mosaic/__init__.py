@@ -110,8 +110,10 @@ class MosaicBackend(Backend):
             return TRITON.backward(q, k, v, gates, c0, n0, h, dh, dc_T, dn_T, norm,
                                    triton_states, config=tcfg, interpret=interpret)
         Kp, Vp = padded_head_dim(K), padded_head_dim(V)
+        qp, kp, vp = pad_last(q, Kp), pad_last(k, Kp), pad_last(v, Vp)
+        dhp = pad_last(dh.astype(v.dtype), Vp)
         dc_states, dn_states, dc_first, zc = state_recurrence(
-            pad_last(q, Kp), pad_last(dh.astype(v.dtype), Vp), gates.w_inter * norm.inv_n,
+            qp, dhp, gates.w_inter * norm.inv_n,
             gates.w_inter * norm.dden, gates.decay, pad_last(dc_T.astype(jnp.float32), Kp, Vp),
             pad_last(dn_T.astype(jnp.float32), Kp), reverse=True, chunk_size=cfg.chunk_size,
             block_t=cfg.states_block_t, block_k=cfg.states_block_k, block_v=cfg.states_block_v,
@@ -120,7 +122,6 @@ class MosaicBackend(Backend):
         rows = dict(bh=gates.bh, row=gates.row, col=gates.col, start=gates.start,
                     w_inter=gates.w_inter, w_state=gates.w_state, inv_n=norm.inv_n,
                     dden=norm.dden)
-        qp, kp, dhp = pad_last(q, Kp), pad_last(k, Kp), pad_last(dh.astype(v.dtype), Vp)
         dq = dv = None
         bf16 = jnp.dtype(q.dtype) == STATE_DTYPE
         if cfg.mosaic_dv and bf16:   # fp16: not yet compiled on a GPU against the reference
@@ -132,11 +133,11 @@ class MosaicBackend(Backend):
             # so does V > 256 with Triton's dk: this kernel rounds dA in V blocks, Triton's dk
             # all at once, and the forget-gate gradient needs the same rounding in both
             # (q . dq - k . dk cancels; H200, V = 512: d f~ 1.2e-2 against 2.3e-3 relative RMS).
-            dq = chunk_dq(qp, kp, pad_last(v, Vp), dhp, c_states, n_states, rows, rows,
+            dq = chunk_dq(qp, kp, vp, dhp, c_states, n_states, rows, rows,
                           chunk_size=cfg.chunk_size, interpret=interpret)
         dk = None
         if mosaic_dk:
-            dk = chunk_dk(qp, kp, pad_last(v, Vp), dhp, dc_states, dn_states, rows, rows,
+            dk = chunk_dk(qp, kp, vp, dhp, dc_states, dn_states, rows, rows,
                           chunk_size=cfg.chunk_size, interpret=interpret)
         cots = (to_triton(dc_states), dn_states[..., :Kt], dc_first[..., :Kt, :Vt])
         return TRITON.intra_grads(q, k, v, dh, gates, norm, triton_states, cots,

@@ -1,4 +1,4 @@
-"""TFLA backward dq kernel on Mosaic GPU.
+"""TFLA backward dq and dk kernels on Mosaic GPU: one kernel body, dk being dq transposed.
 
 Per (b, h), chunk c, query row t (the Triton backend's `bwd.py` has the same math):
     dA_ts = (dh_t . v_s inv_n_t + dden_t) P_ts            (s < t; the diagonal comes last)
@@ -14,7 +14,9 @@ streaming two double-buffered TMA rings shared by both:
   out ring    the k tiles (64 x K), the B operand of dA k.
 The inter term comes first, dh unscaled, and takes its row scale in float32. A
 compute warpgroup keeps its dh rows of one V block in SMEM; the score (wgmma), the gates and dA
-are in registers and dA is the register A operand of dA k.
+are in registers and dA is the register A operand of dA k. dk (`chunk_dk`) runs the same body
+with rows as keys: v rows against dh tiles, q tiles as the out ring, dC_{c+1} for the inter term,
+dA^T in the same V blocks (so dq and dk round dA alike, which the forget-gate gradient needs).
 """
 
 import functools
@@ -337,7 +339,7 @@ def score_block(V: int) -> int:
 
 
 def _launch(inputs, n_dots, *, chunk_size, transpose, name, interpret):
-    a, s_, o, q, k = inputs[:5]
+    s_, q = inputs[1], inputs[3]
     B, T, H, K = q.shape
     kernel = functools.partial(_grad_kernel, chunk_size=chunk_size,
                                block_s=score_block(s_.shape[-1]), H=H, transpose=transpose,
