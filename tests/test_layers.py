@@ -760,7 +760,7 @@ def test_decode_form_step_equals_step(tensors, scan, dtype, param_dtype):
     blocks = layers._decode_form(model).blocks
     fused = isinstance(blocks[0].mlstm_layer, layers._DecodeMLSTMLayer)
     assert fused == (scan or dtype != param_dtype)
-    assert not fused or (blocks[0].mlstm_layer.gate_kernel is None) == (param_dtype == jnp.bfloat16)
+    assert not fused or blocks[0].mlstm_layer.exact_gates == (param_dtype == jnp.bfloat16)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["blocks", "scan_blocks"])
