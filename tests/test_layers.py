@@ -463,7 +463,8 @@ def test_scan_blocks_and_remat_match_block_list(tensors):
     tok = tokens_for(FAST)
     (loss0, (l0, s0)), g0 = grads_in_hf_naming(model_from_tensors(FAST, tensors), tok)
     for opts in (dict(scan_blocks=True, remat=True),
-                 dict(scan_blocks=True, remat=True, remat_policy="dots")):
+                 dict(scan_blocks=True, remat=True, remat_policy="dots"),
+                 dict(scan_blocks=True, remat=True, remat_policy="dots_cell")):
         m = model_from_tensors(dataclasses.replace(FAST, **opts), tensors)
         (loss1, (l1, s1)), g1 = grads_in_hf_naming(m, tok)
         assert_close(l1, l0, 1e-5, f"logits {opts}")
@@ -472,6 +473,25 @@ def test_scan_blocks_and_remat_match_block_list(tensors):
         assert_close(loss1, loss0, 1e-6)
         for name in g0:
             assert_close(g1[name], g0[name], 1e-5, f"grad {name} {opts}")
+
+
+@pytest.mark.parametrize("policy,forward_again", [("dots", True), ("dots_cell", False)])
+def test_dots_cell_policy_keeps_the_kernel_outputs(policy, forward_again):
+    """remat_policy "dots_cell": the backward of a rematerialised block takes the mLSTM
+    kernels' forward outputs as saved residuals; "dots" runs the forward kernels again."""
+    cfg = dataclasses.replace(CFG, mlstm_implementation="pallas_triton", interpret=True,
+                              chunk_size=16, remat=True, remat_policy=policy)
+    model = layers.xLSTMLM(cfg, rngs=nnx.Rngs(0))
+    tok = tokens_for(cfg)
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        return nnx.merge(graphdef, params).loss(tok[:, :-1], tok[:, 1:])
+
+    _, backward = jax.vjp(loss, params)
+    text = str(jax.make_jaxpr(backward)(jnp.float32(1.0)))
+    assert ("mlstm_fwd_output" in text) == forward_again
+    assert "mlstm_bwd_dq" in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

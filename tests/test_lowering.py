@@ -26,12 +26,14 @@ H200 = AbstractDevice("NVIDIA H200", 132, "gpu")
 KERNELS = tfla_jax.available_backends()
 # Per backend: {custom-call target: how many kernels a forward + backward lowers to}.
 CALLS = {"pallas_triton": {"__gpu$xla.gpu.triton": 7},
-         # Mosaic forward (chunk states, output), reverse state recurrence on the kept chunk
-         # states and (bf16) dv; the backward's dk and dq run on Triton.
-         "pallas_mosaic_gpu": {"mosaic_gpu_v2": 4, "__gpu$xla.gpu.triton": 2}}
+         # bf16, K and V multiples of 64: the Mosaic forward (chunk states, output), the reverse
+         # state recurrence on the kept chunk states, dv, dq and dk: every kernel Mosaic.
+         "pallas_mosaic_gpu": {"mosaic_gpu_v2": 6, "__gpu$xla.gpu.triton": 0}}
 CALLS_FP16 = {**CALLS, "pallas_mosaic_gpu": {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3}}
-# bf16 with V <= 256: dq on Mosaic too.
-CALLS_DQ = {**CALLS, "pallas_mosaic_gpu": {"mosaic_gpu_v2": 5, "__gpu$xla.gpu.triton": 1}}
+# bf16 with padded head dims: dk on Triton, and dq too where V pads beyond one score block.
+CALLS_PADDED = {**CALLS, "pallas_mosaic_gpu": {"mosaic_gpu_v2": 5, "__gpu$xla.gpu.triton": 1}}
+CALLS_PADDED_V512 = {**CALLS, "pallas_mosaic_gpu": {"mosaic_gpu_v2": 4,
+                                                    "__gpu$xla.gpu.triton": 2}}
 # (B, T, H, K, V, dtype, input gate, chunk size or None = the default)
 SHIPPED = (
     [(8, 8192, 8, 256, 512, jnp.bfloat16, g, L)
@@ -93,8 +95,10 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
             _lower(_value_and_grad(impl, gate, L), _args(B, T, H, K, V, dtype))
         return
     text = _lower(_value_and_grad(impl, gate, L), _args(B, T, H, K, V, dtype))
+    padded = (mosaic_padded_head_dim(K), mosaic_padded_head_dim(V)) != (K, V)
     calls = CALLS_FP16 if jnp.dtype(dtype) == jnp.float16 else (
-        CALLS_DQ if mosaic_padded_head_dim(V) <= 256 else CALLS)
+        CALLS if not padded else
+        CALLS_PADDED if mosaic_padded_head_dim(V) <= 256 else CALLS_PADDED_V512)
     for target, count in calls.get(impl, {}).items():
         assert text.count(target) == count, f"expected {count} {target} kernels (fwd + bwd)"
 
@@ -104,14 +108,14 @@ def test_forward_and_backward_lower_for_cuda(impl, case):
     ("pallas_mosaic_gpu", {"keep_states": False}, {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 5}),
     ("pallas_mosaic_gpu", {"mosaic_state_grads": False},
      {"mosaic_gpu_v2": 2, "__gpu$xla.gpu.triton": 4}),
-    ("pallas_mosaic_gpu", {"mosaic_dv": False}, {"mosaic_gpu_v2": 3, "__gpu$xla.gpu.triton": 3}),
-    ("pallas_mosaic_gpu", {"mosaic_dk": True}, {"mosaic_gpu_v2": 6, "__gpu$xla.gpu.triton": 0})])
+    ("pallas_mosaic_gpu", {"mosaic_dv": False}, {"mosaic_gpu_v2": 5, "__gpu$xla.gpu.triton": 1}),
+    ("pallas_mosaic_gpu", {"mosaic_dk": False}, {"mosaic_gpu_v2": 4, "__gpu$xla.gpu.triton": 2})])
 def test_config_variants_lower_for_cuda(impl, overrides, calls):
     """Configs off their defaults. keep_states: kept, the backward takes the forward's chunk
     states (one kernel fewer); not kept, it recomputes them. mosaic_state_grads off: the
     backward's reverse state recurrence on Triton's kernel instead of the Mosaic one;
-    mosaic_dv off: dv on Triton's kernel; mosaic_dk on: dk, and with it dq at V = 512, on
-    Mosaic (every kernel)."""
+    mosaic_dv off: dv on Triton's kernel; mosaic_dk off: dk, and with it dq at V = 512, on
+    Triton's kernels."""
     backend = tfla_jax.backends.get_backend(impl)
     cfg = backend.config_cls.default(256, 512, 8192, jnp.bfloat16, chunk_size=256)
     text = _lower(_value_and_grad(impl, "exp", None,
@@ -161,5 +165,5 @@ def test_segment_ids_lower_for_cuda(impl):
 
     args = (*_args(2, 300, 2, 64, 128, jnp.bfloat16)[:5], _sds((2, 300), jnp.int32))
     text = _lower(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), args)
-    for target, count in CALLS_DQ.get(impl, {}).items():
+    for target, count in CALLS.get(impl, {}).items():
         assert text.count(target) == count

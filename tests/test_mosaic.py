@@ -143,7 +143,7 @@ def test_mosaic_state_grads_match_triton_interpreted(monkeypatch):
     from tfla_jax.backends import get_backend
     run = _backward_call()
     monkeypatch.setattr(get_backend("pallas_triton"), "intra_grads", lambda *a, **kw: a[6:9])
-    handed = [run(mosaic_state_grads=on, mosaic_dv=False, mosaic_dq=False)
+    handed = [run(mosaic_state_grads=on, mosaic_dv=False, mosaic_dq=False, mosaic_dk=False)
               for on in (False, True)]
     names = ["C", "n", "C_T", "dC", "dn", "dC_0", "zc"]
     for name, a, b in zip(names, jax.tree.leaves(handed[0]), jax.tree.leaves(handed[1])):
@@ -159,12 +159,12 @@ def _suffix_sums(r, L):
     return np.cumsum(r, -1)[..., ::-1].reshape(*r.shape[:-2], -1)
 
 
-def test_mosaic_dq_dv_match_triton_interpreted():
-    """`mosaic_dv` / `mosaic_dq` (bf16, V <= 256): every field of the backward's `KernelGrads`
-    equals the one with Triton's dq and dv kernels (both interpreted), the row dots of the
-    forget-gate gradient included."""
+def test_mosaic_dq_dk_dv_match_triton_interpreted():
+    """The default (bf16, V <= 256, unpadded head dims: dv, dq and dk on Mosaic): every field of
+    the backward's `KernelGrads` equals the one with Triton's dq, dk and dv kernels (both
+    interpreted), the row dots of the forget-gate gradient included."""
     run = _backward_call()
-    want, got = run(mosaic_dv=False, mosaic_dq=False), run()
+    want, got = run(mosaic_dv=False, mosaic_dq=False, mosaic_dk=False), run()
     for name, a, b in zip(want._fields, got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         err = rel_err(a, b)
@@ -179,7 +179,7 @@ def test_score_blocks_round_dq_and_dk_alike_interpreted(monkeypatch):
     with this seed; bf16 rounding of dA is ~2e-3)."""
     from tfla_jax.backends.mosaic import bwd
     run = _backward_call()
-    want = run(mosaic_dv=False, mosaic_dq=False)
+    want = run(mosaic_dv=False, mosaic_dq=False, mosaic_dk=False)
     monkeypatch.setattr(bwd, "MAX_SCORE_BLOCK", 64)
     got = run(mosaic_dk=True)
     err = rel_err(_suffix_sums(got.r, 128), _suffix_sums(want.r, 128))

@@ -39,7 +39,16 @@ __all__ = ["xLSTMConfig", "RMSNorm", "MultiHeadLayerNorm", "mLSTMLayer", "FeedFo
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
 
 
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+def _kernel_outputs(prim, *_, **__) -> bool:
+    """Saveable: the outputs of Pallas kernels (in a block's forward, the mLSTM cell's: its
+    output, normaliser and chunk states), so that the backward does not run the cell twice."""
+    return prim.name == "pallas_call"
+
+
+_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+REMAT_POLICIES = {"full": None, "dots": _DOTS,
+                  "dots_cell": jax.checkpoint_policies.save_from_both_policies(
+                      _DOTS, _kernel_outputs)}
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -90,7 +99,9 @@ class xLSTMConfig:  # noqa: N801  (the paper's and Hugging Face's spelling)
       remat: rematerialise each block in the backward pass (activation memory O(one block)).
       remat_policy: what a rematerialised block keeps: "full" nothing but its input, "dots" also
         the outputs of its matmuls (jax.checkpoint_policies.dots_with_no_batch_dims_saveable:
-        the backward recomputes only the elementwise work and the mLSTM cell).
+        the backward recomputes only the elementwise work and the mLSTM cell), "dots_cell" also
+        the outputs of the mLSTM kernels (h, its normaliser, the chunk states: the cell's
+        forward runs once; the chunkwise and scan implementations have none to keep).
       scan_blocks: keep the blocks' parameters stacked (leading axis num_blocks) and run them with
         `nnx.scan` (compile time independent of depth); otherwise an `nnx.List` of blocks.
     """

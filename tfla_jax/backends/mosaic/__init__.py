@@ -127,7 +127,8 @@ class MosaicBackend(Backend):
         if cfg.mosaic_dv and bf16:   # fp16: not yet compiled on a GPU against the reference
             dv = chunk_dv(qp, kp, dhp, dc_states, rows, rows, chunk_size=cfg.chunk_size,
                           block_v=cfg.block_v, interpret=interpret)
-        mosaic_dk = cfg.mosaic_dk and bf16
+        # Padded head dims keep Triton's dk (MosaicConfig.mosaic_dk: an XLA compile failure).
+        mosaic_dk = cfg.mosaic_dk and bf16 and (Kp, Vp) == (K, V)
         if cfg.mosaic_dq and bf16 and (mosaic_dk or score_block(Vp) == Vp):
             # fp16 inputs keep Triton's dq (the C_c^T slices share a ring with v: one dtype), and
             # so does V > 256 with Triton's dk: this kernel rounds dA in V blocks, Triton's dk
