@@ -3,9 +3,10 @@
 TMA loads into swizzled shared memory, wgmma with 16-bit operands and float32 accumulators, the
 gated score tile kept in registers as the A operand of the second matmul (docs/kernels.md).
 Kernels: the chunk-state recurrence (states.py, with n alongside), the warp-specialised
-forward output (fwd.py), which also runs transposed for dv, and dq (bwd.py); the backward runs
-the reverse state recurrence on the same state kernel, dv (bf16) and dq (bf16, V <= 256) on
-these kernels and the rest of dq / dk / dv on the Triton backend's. bf16 and fp16 inputs, head
+forward output (fwd.py), which also runs transposed for dv, and dq / dk (bwd.py); the backward
+runs the reverse state recurrence on the same state kernel, and for bf16 dv, dq and dk on these
+kernels (dk with unpadded head dims, dq where it rounds dA like dk: `MosaicConfig`); the rest of
+dq / dk / dv (fp16, padded head dims) on the Triton backend's. bf16 and fp16 inputs, head
 dims padded to multiples of 64, K <= 256, chunk sizes 128 and 256, Hopper GPUs; other calls are
 declined (the Triton backend takes them).
 """
