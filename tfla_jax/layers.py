@@ -932,9 +932,9 @@ def inference_form(model: xLSTMLM) -> xLSTMLM:
     `step` and `generate` on it run without copying a weight. The blocks are a list (no slice of
     stacked parameters: each is a copy of the weight it reads), every matmul weight is in its
     layer's compute dtype, and the matmuls on one input are one (the four wide input projections
-    of an mLSTM layer, with its two gates in a second; the two up-projections of an FFN). The same results as `model` up to float32
-    rounding (the fused dots); its parameters are no longer the checkpoint layout, so train and
-    save the original. The caller's model is unchanged; a converted model is returned as is."""
+    of an mLSTM layer, with its two gates in a second; the two up-projections of an FFN). The
+    same results as `model` up to float32 rounding (the fused dots); its parameters are no
+    longer the checkpoint layout, so train and save the original. The caller's model is unchanged; a converted model is returned as is."""
     return _decode_form(model, fuse=True)
 
 
